@@ -1,0 +1,103 @@
+"""Process-group setup for the deepspeed launcher, torchrun, SLURM (srun/sbatch) and plain `python`.
+
+`deepspeed.init_distributed()` reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT
+and ignores SLURM's variables, so under srun we translate them first. A plain
+`python run_pretrain.py` gets a one-rank group, so the demo also runs without a launcher.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class DistInfo:
+    """Where this process sits in the job."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 does all file and console output."""
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(3)
+    return prefix if not ranges else prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def map_launcher_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from SLURM, or for a single process; returns what it set."""
+    env = os.environ if environ is None else environ
+    added: dict[str, str] = {}
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        added = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
+                 "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+                 "MASTER_ADDR": env.get("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))),
+                 # every task must agree on the port without talking: derive it from the job id
+                 "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))}
+    elif "RANK" not in env:
+        added = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())}
+    for key, value in added.items():
+        env.setdefault(key, value)
+    return added
+
+
+def init_distributed() -> DistInfo:
+    """Create the process group (NCCL on GPU, gloo on CPU, chosen by DeepSpeed) and pick the device."""
+    import deepspeed
+
+    map_launcher_env()
+    deepspeed.init_distributed()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical model init (ZeRO-3 relies on it) and reproducible runs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This rank's RNG states (drop path and anything else drawn in the main process)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
