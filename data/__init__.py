@@ -1,0 +1,47 @@
+"""Data pipeline: WebDataset shards -> safe decode -> transforms -> equal-length batches per rank.
+
+Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
+
+- `demo_shards(root: str | None = None) -> str`
+    Folder holding the demo set (`train-%06d.tar`, `val-%06d.tar`, `index.json`; 12 classes,
+    3072 train / 768 val images of 128x128). Generated deterministically on first use into
+    `$SWINSCALE_CACHE/demo` (default `~/.cache/swinscale/demo`); safe to call from all ranks at once.
+- `read_index(path) -> dict`
+    `index.json` of a shard folder (or the file itself): keys `class_names`, `num_classes`,
+    `splits` -> {split: {"samples": n, "shards": [{"name", "samples", "bytes"}]}}.
+- `SimMIMTransform(img_size, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6, scale=(0.67, 1),
+  ratio=(3/4, 4/3), hflip=0.5, mean, std, interpolation)`
+    PIL image -> {"image": (3, H, W) float, "mask": (H/model_patch, W/model_patch) uint8, 1 = masked}.
+    img_size must be a multiple of mask_patch_size; otherwise the constructor raises a one-line
+    ValueError naming the nearest sizes that work.
+- `build_finetune_transform(img_size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, ...)`,
+  `build_eval_transform(img_size, crop_pct=0.875, ...)`
+    timm `create_transform` for training (RandAugment, random erasing) and eval (resize + center crop).
+- `build_mixup(num_classes, mixup=0.8, cutmix=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1)`
+    timm `Mixup`: `images, soft_targets = mix(images, labels)` (even batch size); with
+    mixup = cutmix = 0 it only label-smooths, so a loop can always use a soft-target loss.
+- `ShardLoader(urls, transform, batch_size, *, rank=0, world_size=1, num_workers=4, seed=0,
+  resampled=False, split="train", index=None, drop_last=True, shuffle_buffer=256, interleave=4,
+  prefetch_factor=2, pin_memory=False, max_pixels=PIL's limit)`
+    `urls`: folder (its `index.json` split, else `{split}-*.tar`, else `*.tar`), brace pattern, list
+    file, `pipe:` command, or a list of those. Iterating yields the rest of the current epoch as
+    dicts {"image": (B, 3, H, W) float, "mask": (B, h, w) if the transform makes one,
+    "label": (B,) long (-1 without .cls), "__key__": list[str]}, then advances the epoch.
+    `len(loader)`: batches per epoch on this rank, identical on every rank. `set_epoch(e)`
+    (no-op for the current epoch, so it keeps a restored position), `forever()` (endless
+    iterator over epochs), `state_dict()` / `load_state_dict(state)` (exact resume; state is per
+    rank, num_workers may change), `corrupt_counts() -> dict[str, int]` (skips per reason on this
+    rank; reasons in `data.shards.REASONS`), `padded` (samples repeated to keep batch counts equal),
+    `num_samples`.
+
+CLIs: `python -m data.write_shards SRC OUT [--shard-size N] [--workers W] [--val-fraction F]` and
+`python -m data.check_shards PATH` (prints {"shards", "samples", "skipped", "errors"}).
+"""
+from .demo import demo_shards
+from .index import read_index
+from .loader import ShardLoader
+from .shards import REASONS
+from .transforms import MaskGenerator, SimMIMTransform, build_eval_transform, build_finetune_transform, build_mixup
+
+__all__ = ["demo_shards", "read_index", "ShardLoader", "REASONS", "MaskGenerator", "SimMIMTransform",
+           "build_eval_transform", "build_finetune_transform", "build_mixup"]

@@ -1,0 +1,123 @@
+"""Shard lists and `index.json`: expand a user's shard spec into URLs and find per-shard sample counts.
+
+`index.json` (written by `data.write_shards` and `data.demo`) looks like::
+
+    {"version": 1, "class_names": ["cat", ...], "num_classes": 2,
+     "splits": {"train": {"samples": 900, "shards": [{"name": "train-000000.tar", "samples": 500,
+                                                      "bytes": 123456}, ...]},
+                "val": {...}},
+     "skipped": {"unreadable_image": 3}}
+
+Shard names are relative to the folder holding `index.json`. The loader needs the sample counts up
+front so that every rank can be told the same number of batches per epoch before reading a byte.
+"""
+import glob
+import json
+import os
+from pathlib import Path
+
+import braceexpand
+
+from .shards import iter_tar_samples, open_shard
+
+INDEX_NAME = "index.json"
+INDEX_VERSION = 1
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    """Read `index.json` from a shard folder (or the file itself) and return it as a dict."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / INDEX_NAME
+    with open(path) as f:
+        index = json.load(f)
+    if "splits" not in index:
+        raise ValueError(f"{path} has no 'splits': not an index.json written by data.write_shards")
+    index.setdefault("class_names", [])
+    index.setdefault("num_classes", len(index["class_names"]))
+    return index
+
+
+def write_index(folder: str | os.PathLike, index: dict) -> Path:
+    """Write `index.json` atomically (temp file + rename) so readers never see half a file."""
+    path = Path(folder) / INDEX_NAME
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({"version": INDEX_VERSION, **index}, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def _is_local(url: str) -> bool:
+    return ":" not in url.split("/")[0] or url.startswith("file:")
+
+
+def expand_urls(urls: str | os.PathLike | list, split: str = "train") -> list[str]:
+    """Turn a folder, brace pattern, list file, `pipe:` command or list of those into shard URLs.
+
+    A folder means the shards of `split` listed in its `index.json`, or else its `{split}-*.tar`
+    files, or else all its `*.tar` files.
+    """
+    if isinstance(urls, (list, tuple)):
+        return [u for item in urls for u in expand_urls(item, split)]
+    urls = str(urls)
+    if urls.startswith("pipe:") or not _is_local(urls):
+        return list(braceexpand.braceexpand(urls))
+    local = urls[5:] if urls.startswith("file:") else urls
+    if os.path.isdir(local):
+        if os.path.exists(os.path.join(local, INDEX_NAME)):
+            index = read_index(local)
+            if split not in index["splits"]:
+                raise ValueError(f"{local}/{INDEX_NAME} has no split {split!r}: pick one of "
+                                 f"{sorted(index['splits'])}")
+            return [os.path.join(local, s["name"]) for s in index["splits"][split]["shards"]]
+        found = sorted(glob.glob(os.path.join(local, f"{split}-*.tar"))) or \
+            sorted(glob.glob(os.path.join(local, "*.tar")))
+        if not found:
+            raise FileNotFoundError(f"no *.tar shards in {local}")
+        return found
+    if os.path.isfile(local) and not local.endswith((".tar", ".tgz", ".tar.gz")):
+        # A list file: one URL per line, relative paths resolved against the list's folder.
+        base = os.path.dirname(os.path.abspath(local))
+        out = []
+        with open(local) as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    if _is_local(line) and not os.path.isabs(line):
+                        line = os.path.join(base, line)
+                    out.extend(braceexpand.braceexpand(line))
+        return out
+    return list(braceexpand.braceexpand(local))
+
+
+def count_samples(url: str) -> int:
+    """Count the samples of one shard by reading its tar headers (reads a `pipe:` stream in full)."""
+    n = 0
+    for _ in iter_tar_samples(open_shard(url), on_error=lambda reason, detail: None):
+        n += 1
+    return n
+
+
+def shard_counts(urls: list[str], index: str | os.PathLike | None = None) -> list[int]:
+    """Sample count per shard, from `index.json` (given, or next to the shards) or by scanning.
+
+    Scanning is a one-off cost per loader construction; pass `index=` (or keep `index.json` next to
+    the shards) for object-store URLs, where a scan downloads every shard.
+    """
+    known: dict[str, int] = {}
+    folders = {str(index)} if index is not None else \
+        {os.path.dirname(u[5:] if u.startswith("file:") else u) for u in urls if _is_local(u)}
+    for folder in folders:
+        try:
+            idx = read_index(folder)
+        except (FileNotFoundError, NotADirectoryError, ValueError, json.JSONDecodeError):
+            continue
+        for split in idx["splits"].values():
+            for s in split["shards"]:
+                known[os.path.basename(s["name"])] = int(s["samples"])
+    counts = []
+    for u in urls:
+        name = os.path.basename(u.split()[-1] if u.startswith("pipe:") else u)
+        counts.append(known[name] if name in known else count_samples(u))
+    return counts

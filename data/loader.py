@@ -1,0 +1,358 @@
+"""`ShardLoader`: streams WebDataset shards into fixed-size batches, equal per rank, exactly resumable.
+
+How an epoch is planned (all ranks compute the same plan from the shard counts, no communication):
+
+1. Shards are permuted with `(seed, epoch)` and laid end to end as one sequence of T samples.
+2. Rank r takes the contiguous range [r*T//W, (r+1)*T//W): whole shards plus at most two partial
+   ones at the range's ends. Every rank thus gets exactly T//W samples, so `len(loader)` is the same
+   everywhere, which ZeRO-3 needs (a rank with one batch fewer hangs the others). With
+   `resampled=True` each rank instead draws whole shards with replacement until it has T//W samples.
+3. Each contiguous slice of a shard is a "piece". A piece has its own shuffle buffer seeded by
+   `(seed, epoch, rank, piece)`, so its output order does not depend on which worker reads it.
+4. DataLoader workers take pieces round-robin and interleave a few at a time to mix shards.
+   The main process re-cuts the workers' chunks into batches of exactly `batch_size`.
+
+Exact resume: the loader counts, per piece, how many of its outputs went into delivered batches.
+Batches arrive in order and each piece's order is fixed, so that count is a prefix; a restored
+loader skips those prefixes (reading but not decoding them) and yields exactly the rest of the
+epoch, whatever the new number of workers. Samples that fail to decode are skipped and counted; if
+that leaves a rank short, its last batches are topped up with samples it already yielded this
+epoch (counted in `padded`), so batch counts stay equal.
+"""
+import hashlib
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .index import expand_urls, shard_counts
+from .shards import DEFAULT_MAX_PIXELS, WarningLimiter, decode_sample, iter_tar_samples, open_shard
+
+log = logging.getLogger("data")
+
+_META = ("__pos__", "__corrupt__")
+
+
+def plan_epoch(counts: list[int], epoch: int, seed: int, rank: int, world_size: int,
+               resampled: bool = False) -> list[tuple[int, int, int]]:
+    """This rank's pieces for one epoch as (shard index, first sample, end sample), in reading order."""
+    per_rank = sum(counts) // world_size
+    if resampled:
+        rng = np.random.default_rng([seed, epoch, rank, 1])
+        pieces, left = [], per_rank
+        nonempty = [i for i, c in enumerate(counts) if c > 0]
+        while left > 0:
+            i = int(nonempty[rng.integers(len(nonempty))])
+            take = min(left, counts[i])
+            pieces.append((i, 0, take))
+            left -= take
+        return pieces
+    order = np.random.default_rng([seed, epoch, 0]).permutation(len(counts))
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    pieces, pos = [], 0
+    for i in order:
+        c = counts[i]
+        a, b = max(lo, pos), min(hi, pos + c)
+        if a < b:
+            pieces.append((int(i), a - pos, b - pos))
+        pos += c
+        if pos >= hi:
+            break
+    return pieces
+
+
+def _collate(samples: list[dict]) -> dict:
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], int):
+            out[k] = torch.tensor(vals, dtype=torch.long)
+        else:
+            out[k] = vals
+    return out
+
+
+class _EpochStream(IterableDataset):
+    """One rank's epoch, read by DataLoader workers; yields chunks of decoded samples plus bookkeeping."""
+
+    def __init__(self, urls: list[str], pieces: list[tuple[int, int, int]], skip: dict[int, int],
+                 transform: Callable, chunk_size: int, seeds: tuple[int, int, int], shuffle_buffer: int,
+                 interleave: int, max_pixels: int):
+        self.urls, self.pieces, self.skip = urls, pieces, skip
+        self.transform, self.chunk_size, self.seeds = transform, chunk_size, seeds
+        self.shuffle_buffer, self.interleave, self.max_pixels = shuffle_buffer, interleave, max_pixels
+
+    def _piece_outputs(self, p: int, on_error) -> Iterator[tuple[int, str, dict]]:
+        """(output position, key, raw sample) of piece p in its fixed shuffled order."""
+        shard, start, end = self.pieces[p]
+        rng = random.Random(f"{self.seeds}-{p}")
+        buf, pos = [], 0
+        raw = iter_tar_samples(open_shard(self.urls[shard]), on_error, self.urls[shard])
+        for i, (key, sample) in enumerate(raw):
+            if i < start:
+                continue
+            if i >= end:
+                break
+            buf.append((key, sample))
+            if len(buf) >= self.shuffle_buffer:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield pos, *buf.pop()
+                pos += 1
+        raw.close()  # releases the file/pipe now rather than at garbage collection
+        rng.shuffle(buf)
+        for key, sample in buf:
+            yield pos, key, sample
+            pos += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            # Augmentations repeat with the seed; in the main process (num_workers=0) leave the
+            # trainer's RNG alone.
+            s = int(hashlib.sha256(f"{self.seeds}-{wid}-{nw}".encode()).hexdigest()[:8], 16)
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s)
+        corrupt: Counter = Counter()
+        warn = WarningLimiter(log)
+
+        def on_error(reason: str, detail: str) -> None:
+            corrupt[reason] += 1
+            warn(reason, detail)
+
+        todo = deque(p for p in range(wid, len(self.pieces), nw)
+                     if self.skip.get(p, 0) < self.pieces[p][2] - self.pieces[p][1])
+        active: list[tuple[int, Iterator]] = []
+        pick = random.Random(f"{self.seeds}-mix-{wid}-{nw}")
+        chunk: list[dict] = []
+        while todo or active:
+            while todo and len(active) < self.interleave:
+                p = todo.popleft()
+                active.append((p, self._piece_outputs(p, on_error)))
+            a = pick.randrange(len(active))
+            p, it = active[a]
+            nxt = next(it, None)
+            if nxt is None:
+                active.pop(a)
+                continue
+            pos, key, sample = nxt
+            if pos < self.skip.get(p, 0):
+                continue
+            img, label, reason = decode_sample(sample, self.max_pixels)
+            if img is None:
+                on_error(reason, f"{self.urls[self.pieces[p][0]]} key {key}")
+                continue
+            out = self.transform(img)
+            out = dict(out) if isinstance(out, dict) else {"image": out}
+            out.update(label=label, __key__=key)
+            out["__pos__"] = torch.tensor([p, pos])
+            chunk.append(out)
+            if len(chunk) == self.chunk_size:
+                yield {**_collate(chunk), "__corrupt__": dict(corrupt)}
+                corrupt.clear()
+                chunk = []
+        if chunk or corrupt:
+            yield {**(_collate(chunk) if chunk else {}), "__corrupt__": dict(corrupt)}
+
+
+def _size(chunk: dict) -> int:
+    return len(chunk["__key__"]) if "__key__" in chunk else 0
+
+
+def _slice(chunk: dict, a: int, b: int) -> dict:
+    return {k: v[a:b] for k, v in chunk.items() if k != "__corrupt__"}
+
+
+def _concat(parts: list[dict]) -> dict:
+    out = {}
+    for k, v in parts[0].items():
+        out[k] = torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else \
+            [x for p in parts for x in p[k]]
+    return out
+
+
+class ShardLoader:
+    """Batches from WebDataset shards: `{"image", ["mask"], "label", "__key__"}`, equal count on every rank.
+
+    Args:
+        urls: folder (uses `split`), brace pattern, list file, `pipe:` command, or a list of those.
+        transform: PIL image -> tensor, or -> dict of tensors (e.g. `SimMIMTransform`).
+        batch_size: samples per batch on this rank.
+        rank, world_size: this process's place among the data-parallel ranks.
+        num_workers: DataLoader worker processes (0 = read in the main process).
+        seed: seeds shard order, per-piece shuffles and worker augmentation RNGs.
+        resampled: draw shards with replacement per rank (independent ranks, no once-per-epoch
+            guarantee; every epoch is a fresh draw, so it never runs dry).
+        split: which split of a folder's `index.json` to read.
+        index: path of an `index.json` holding the sample counts, when it is not next to the shards.
+        drop_last: if False, a last smaller batch holds the rank's remainder (same size on all ranks).
+        shuffle_buffer: samples held per open piece for in-shard shuffling (memory: x sample bytes).
+        interleave: pieces each worker reads at once, mixing samples across shards.
+        prefetch_factor, pin_memory: passed to torch's DataLoader.
+        max_pixels: decompression-bomb limit; larger images are skipped as `too_large`.
+    """
+
+    def __init__(self, urls, transform: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 4, seed: int = 0, resampled: bool = False, split: str = "train",
+                 index: str | None = None, drop_last: bool = True, shuffle_buffer: int = 256,
+                 interleave: int = 4, prefetch_factor: int = 2, pin_memory: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.urls = expand_urls(urls, split)
+        if not self.urls:
+            raise ValueError(f"no shards found for {urls!r}")
+        self.counts = shard_counts(self.urls, index)
+        self.transform, self.batch_size = transform, batch_size
+        self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
+        self.resampled, self.drop_last = resampled, drop_last
+        self.shuffle_buffer, self.interleave = max(1, shuffle_buffer), max(1, interleave)
+        self.prefetch_factor, self.pin_memory, self.max_pixels = prefetch_factor, pin_memory, max_pixels
+        self.per_rank = sum(self.counts) // world_size
+        n = self.per_rank // batch_size if drop_last else -(-self.per_rank // batch_size)
+        if n == 0:
+            raise ValueError(f"{sum(self.counts)} samples over {world_size} ranks give no batch of {batch_size}: "
+                             f"lower batch_size to at most {max(1, self.per_rank)} or add shards")
+        self._len = n
+        self._fingerprint = hashlib.sha256(repr((self.urls, self.counts)).encode()).hexdigest()[:16]
+        self._corrupt: Counter = Counter()
+        self.padded = 0
+        self.epoch, self._batches, self._consumed = 0, 0, {}
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self._len
+
+    @property
+    def num_samples(self) -> int:
+        """Samples listed in the shards (all ranks together, corrupt ones included)."""
+        return sum(self.counts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate; a no-op for the current epoch, so calling it after a restore keeps the position."""
+        if epoch != self.epoch:
+            self.epoch, self._batches, self._consumed = epoch, 0, {}
+
+    def corrupt_counts(self) -> dict[str, int]:
+        """Skipped items on this rank since construction, per reason (see `data.shards.REASONS`)."""
+        return dict(self._corrupt)
+
+    def state_dict(self) -> dict:
+        """Position within the epoch (batches delivered, per-piece prefixes consumed) and counters."""
+        return {"epoch": self.epoch, "batches": self._batches, "consumed": dict(self._consumed),
+                "corrupt": dict(self._corrupt), "padded": self.padded, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "resampled": self.resampled, "shards": self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by `state_dict` on the same rank; num_workers may differ."""
+        for k in ("seed", "rank", "world_size", "batch_size", "resampled"):
+            if state[k] != getattr(self, k):
+                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: "
+                                 f"construct the loader with {k}={state[k]} to resume exactly")
+        if state["shards"] != self._fingerprint:
+            raise ValueError("loader state was saved for a different shard list or sample counts: "
+                             "resume with the same shards (and index.json)")
+        self.epoch, self._batches = state["epoch"], state["batches"]
+        self._consumed = {int(k): int(v) for k, v in state["consumed"].items()}
+        self._corrupt = Counter(state["corrupt"])
+        self.padded = state["padded"]
+
+    def _batch_sizes(self) -> list[int]:
+        sizes = [self.batch_size] * self._len
+        if not self.drop_last:
+            sizes[-1] = self.per_rank - (self._len - 1) * self.batch_size
+        return sizes
+
+    def __iter__(self) -> Iterator[dict]:
+        """Yield the rest of the current epoch's batches, then advance to the next epoch."""
+        epoch, sizes = self.epoch, self._batch_sizes()
+        if self._batches < self._len:
+            pieces = plan_epoch(self.counts, epoch, self.seed, self.rank, self.world_size, self.resampled)
+            if self._batches == 0 and len(pieces) < max(1, self.num_workers):
+                log.warning("rank %d has %d shard pieces for %d workers: some workers idle; use at least "
+                            "world_size x num_workers shards", self.rank, len(pieces), self.num_workers)
+            stream = _EpochStream(self.urls, pieces, dict(self._consumed), self.transform, self.batch_size,
+                                  (self.seed, epoch, self.rank), self.shuffle_buffer, self.interleave,
+                                  self.max_pixels)
+            dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
+                            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
+            pending: deque = deque()
+            have, last = 0, None
+            it = iter(dl)
+            while self._batches < self._len:
+                want = sizes[self._batches]
+                while have < want:
+                    chunk = next(it, None)
+                    if chunk is None:
+                        break
+                    self._corrupt.update(chunk.pop("__corrupt__"))
+                    if _size(chunk):
+                        pending.append(chunk)
+                        have += _size(chunk)
+                if have >= want:
+                    batch, have = self._take(pending, want), have - want
+                    for p, pos in batch["__pos__"].tolist():
+                        self._consumed[p] = max(self._consumed.get(p, 0), pos + 1)
+                elif last is not None or have:
+                    batch = self._pad(pending, have, last, want)
+                    have = 0
+                else:
+                    raise RuntimeError(f"rank {self.rank} decoded no sample in epoch {epoch} "
+                                       f"(skipped: {dict(self._corrupt)}); check the shards with "
+                                       "`python -m data.check_shards`")
+                last = batch
+                self._batches += 1
+                out = {k: v for k, v in batch.items() if k not in _META}
+                if self.pin_memory:
+                    out = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+                yield out
+            del it, dl  # shuts the workers down before the next epoch starts new ones
+        if self.epoch == epoch:
+            self.epoch, self._batches, self._consumed = epoch + 1, 0, {}
+
+    def forever(self) -> Iterator[dict]:
+        """Iterate epoch after epoch without end (for step-based training loops)."""
+        while True:
+            yield from self
+
+    @staticmethod
+    def _take(pending: deque, n: int) -> dict:
+        # Fast path: a worker chunk that is exactly one batch is passed through without a copy.
+        if _size(pending[0]) == n:
+            return pending.popleft()
+        parts, need = [], n
+        while need:
+            c = pending[0]
+            k = _size(c)
+            if k <= need:
+                parts.append(pending.popleft())
+                need -= k
+            else:
+                parts.append(_slice(c, 0, need))
+                pending[0] = _slice(c, need, k)
+                need = 0
+        return _concat(parts)
+
+    def _pad(self, pending: deque, have: int, last: dict | None, want: int) -> dict:
+        """Fill a batch the rank's valid samples cannot fill, repeating samples seen this epoch."""
+        parts = [self._take(pending, have)] if have else []
+        for p in parts:
+            for q, pos in p["__pos__"].tolist():
+                self._consumed[q] = max(self._consumed.get(q, 0), pos + 1)
+        source = _concat(parts + ([last] if last is not None else []))
+        idx = torch.arange(want - have) % _size(source)
+        fill = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()]
+                for k, v in source.items()}
+        self.padded += want - have
+        log.warning("rank %d: %d samples repeated to keep %d batches per epoch (skipped so far: %s)",
+                    self.rank, want - have, self._len, dict(self._corrupt))
+        return _concat(parts + [fill])
