@@ -1,0 +1,299 @@
+"""SwinV2 / SimMIM model tests: parity with timm, attention paths, padding, resizing, loading, FLOPs."""
+import math
+
+import pytest
+import torch
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import build_model, build_simmim, estimate_flops, list_models, load_pretrained
+from models.swin_transformer_v2 import SwinTransformerV2Block
+
+TINY = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 4, 8), num_classes=7, drop_path_rate=0.0)
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Move zero-initialised post-norms, biases and logit scales off their init so they matter."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "logit_scale" in name or "mask_token" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def timm_twin(img_size: int, window_size, pretrained_window_sizes=(0, 0, 0, 0), **arch) -> TimmSwinV2:
+    arch = {**TINY, **arch}
+    return TimmSwinV2(img_size=img_size, window_size=window_size, pretrained_window_sizes=pretrained_window_sizes,
+                      **arch).eval()
+
+
+@pytest.mark.parametrize("img_size, window_size, pretrained, arch", [
+    (64, 4, (0, 0, 0, 0), {}),
+    (64, 8, (4, 4, 4, 2), {}),
+    (96, 6, (0, 0, 0, 0), dict(embed_dim=24, num_heads=(3, 6, 12, 24))),
+    (128, 8, (6, 6, 6, 3), dict(depths=(1, 1, 3, 1))),
+    (64, (8, 4, 4, 2), (0, 0, 0, 0), {}),
+])
+@pytest.mark.parametrize("backend", ["fused", "sequential", "plain"])
+def test_matches_timm(img_size, window_size, pretrained, arch, backend):
+    reference = perturb_(timm_twin(img_size, window_size, pretrained, **arch))
+    model = build_model("swinv2_tiny", img_size=img_size, window_size=window_size, pretrained_window_sizes=pretrained,
+                        attn_backend=backend, **{**TINY, **arch}).eval()
+    report = load_pretrained(model, reference.state_dict())
+    assert not report.missing_keys and not report.unexpected_keys
+    x = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.forward_features(x), reference.forward_head(reference.forward_features(x),
+                                                                                     pre_logits=True),
+                                   atol=1e-5, rtol=0)
+
+
+def test_resolution_change_matches_timm_built_at_new_size():
+    """The log-CPB transfer: 64px/window 4 -> 128px/window 8, coordinates normalised by window 4."""
+    model = perturb_(build_model("swinv2_tiny", img_size=64, window_size=4, **TINY)).eval()
+    params_before = {n: p for n, p in model.named_parameters()}
+    model.set_input_size(128, 8, pretrained_window_sizes=(4, 4, 4, 2))
+    assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    reference = timm_twin(128, 8, (4, 4, 4, 2))
+    timm_keys = {k.replace("head.", "head.fc."): v for k, v in model.state_dict().items()}
+    assert not reference.load_state_dict(timm_keys, strict=False).unexpected_keys
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="set_input_size"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def reference_window_attention(block: SwinTransformerV2Block, x: torch.Tensor) -> torch.Tensor:
+    """Attention of one block token by token, from the definition rather than the implementation.
+
+    A real query attends to the real keys of its (shifted) window that were contiguous with it
+    before the cyclic shift, i.e. neither or both wrapped around in each axis.
+    """
+    attn = block.attn
+    B, H, W, C = x.shape
+    (wh, ww), (sh, sw), (Hp, Wp) = block.window, block.shift, block.padded
+    bias = attn.position_bias()  # heads, N, N
+    heads, d = attn.num_heads, C // attn.num_heads
+    q_all = torch.nn.functional.linear(x, attn.qkv.weight[:C], attn.q_bias)
+    k_all = torch.nn.functional.linear(x, attn.qkv.weight[C:2 * C])
+    v_all = torch.nn.functional.linear(x, attn.qkv.weight[2 * C:], attn.v_bias)
+    scale = torch.clamp(attn.logit_scale, max=math.log(100)).exp().view(heads)
+    out = torch.zeros_like(x)
+    for win_r in range(Hp // wh):
+        for win_c in range(Wp // ww):
+            cells = [(win_r * wh + i, win_c * ww + j) for i in range(wh) for j in range(ww)]
+            source = [((r + sh) % Hp, (c + sw) % Wp) for r, c in cells]  # original position of each cell
+            wrapped = [(r + sh >= Hp, c + sw >= Wp) for r, c in cells]
+            for qi, (qr, qc) in enumerate(source):
+                if qr >= H or qc >= W:
+                    continue
+                keys = [ki for ki, (kr, kc) in enumerate(source)
+                        if kr < H and kc < W and wrapped[ki] == wrapped[qi]]
+                q = q_all[:, qr, qc].view(B, heads, d)
+                k = torch.stack([k_all[:, source[ki][0], source[ki][1]] for ki in keys], 1).view(B, -1, heads, d)
+                v = torch.stack([v_all[:, source[ki][0], source[ki][1]] for ki in keys], 1).view(B, -1, heads, d)
+                cos = torch.einsum("bhd,bkhd->bhk", torch.nn.functional.normalize(q, dim=-1),
+                                   torch.nn.functional.normalize(k, dim=-1))
+                logits = cos * scale[None, :, None] + bias[:, qi, keys][None]
+                out[:, qr, qc] = torch.einsum("bhk,bkhd->bhd", logits.softmax(-1), v).reshape(B, C)
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize("resolution, window", [((8, 8), 4), ((10, 10), 4), ((9, 7), 4), ((6, 11), 3)])
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("backend", ["fused", "sequential", "plain"])
+def test_window_attention_with_padding_matches_definition(resolution, window, shifted, backend):
+    torch.manual_seed(0)
+    block = perturb_(SwinTransformerV2Block(16, 2, resolution, window, 0, shifted=shifted,
+                                            attn_backend=backend, attn_chunk_windows=2))
+    x = torch.randn(2, *resolution, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block._attention(x), reference_window_attention(block, x), atol=1e-5, rtol=0)
+
+
+def test_attention_backends_agree_in_forward_and_backward_on_a_padded_model():
+    torch.manual_seed(0)
+    base = perturb_(build_model("swinv2_tiny", img_size=80, window_size=6, **TINY))
+    x = torch.randn(2, 3, 80, 80)
+    results = {}
+    for backend in ("fused", "sequential", "plain"):
+        base.set_attn_backend(backend, chunk_windows=3)
+        base.zero_grad()
+        base(x).square().sum().backward()
+        results[backend] = [p.grad.clone() for p in base.parameters()]
+    for backend in ("sequential", "plain"):
+        for g_fused, g_other in zip(results["fused"], results[backend]):
+            torch.testing.assert_close(g_other, g_fused, atol=1e-5, rtol=1e-4)
+
+
+def test_grad_checkpointing_and_offload_give_the_same_gradients():
+    torch.manual_seed(0)
+    model = perturb_(build_model("swinv2_tiny", img_size=64, window_size=4, **TINY))
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for enable, offload in ((False, False), (True, False), (True, True)):
+        model.set_grad_checkpointing(enable, offload_to_cpu=offload)
+        model.zero_grad()
+        model(x).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+EXPECTED_PARAMS_M = {"swinv2_tiny": 28.35, "swinv2_small": 49.73, "swinv2_base": 87.92, "swinv2_large": 196.74,
+                     "swinv2_huge": 658.0, "swinv2_giant": 3002.0}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS_M))
+def test_parameter_counts_on_meta_device(name):
+    model = build_model(name, device="meta")
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert count == pytest.approx(EXPECTED_PARAMS_M[name], rel=1e-3)
+    assert model.num_classes == 1000
+
+
+def test_registry_and_main_branch_norms():
+    assert list_models() == sorted(EXPECTED_PARAMS_M)
+    giant = build_model("swinv2_giant", device="meta")
+    extra_norms = [n for n, m in giant.named_modules() if n.endswith("main_norm") and isinstance(m, torch.nn.LayerNorm)]
+    assert len(extra_norms) == 42 // 6
+    assert not any(isinstance(m, torch.nn.LayerNorm) for n, m in build_model("swinv2_base", device="meta")
+                   .named_modules() if n.endswith("main_norm"))
+    assert build_model("swinv2_tiny", device="meta", main_norm_every=1).layers[0].blocks[0].main_norm is not None
+
+
+@pytest.mark.parametrize("overrides, argument", [
+    (dict(embed_dim=20, num_heads=(3, 6, 12, 24)), "num_heads"),
+    (dict(window_size=0), "window_size"),
+    (dict(img_size=250), "img_size"),
+    (dict(num_heads=(3, 6, 12)), "num_heads"),
+    (dict(pretrained_window_sizes=(8, 8)), "pretrained_window_sizes"),
+    (dict(attn_backend="flash"), "attn_backend"),
+    (dict(windows=8), "windows"),
+])
+def test_bad_arguments_raise_one_line_errors(overrides, argument):
+    with pytest.raises(ValueError) as error:
+        build_model("swinv2_tiny", device="meta", **overrides)
+    assert argument in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_model_name_lists_the_registered_ones():
+    with pytest.raises(ValueError, match="swinv2_tiny"):
+        build_model("swinv3_tiny")
+
+
+def microsoft_layout(state_dict: dict, prefix: str = "", old_cpb_name: bool = False) -> dict:
+    """Rewrite this project's keys the way Microsoft's releases store them (the inverse mapping)."""
+    import re
+    out = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+        if old_cpb_name:
+            key = key.replace(".cpb_mlp.", ".rpe_mlp.")
+        out[prefix + key] = value
+    return out
+
+
+def test_loads_microsoft_classification_checkpoint_file(tmp_path):
+    source = perturb_(build_model("swinv2_tiny", img_size=64, window_size=4, **TINY)).eval()
+    microsoft = microsoft_layout(source.state_dict())
+    # Microsoft's files also carry the position tables and masks as persistent buffers
+    microsoft["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
+    microsoft["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    path = tmp_path / "swinv2_ms.pth"
+    torch.save({"model": microsoft, "epoch": 3}, path)
+    target = build_model("swinv2_tiny", img_size=64, window_size=4, **TINY).eval()
+    report = load_pretrained(target, path)
+    assert not report.missing_keys and not report.unexpected_keys
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x))
+
+
+def test_loads_microsoft_simmim_checkpoint_into_simmim_and_classifier():
+    source = perturb_(build_simmim("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 0})).eval()
+    state = source.state_dict()
+    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    microsoft = microsoft_layout(encoder, prefix="encoder.", old_cpb_name=True)
+    microsoft["encoder.mask_token"] = state["mask_token"]
+    microsoft.update({k: v for k, v in state.items() if k.startswith("decoder.")})
+    x, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 16, 16) > 0.4).float()
+
+    target = build_simmim("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 0}).eval()
+    report = load_pretrained(target, {"model": microsoft})
+    assert not report.missing_keys and not report.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, mask), source(x, mask))
+
+    classifier = build_model("swinv2_tiny", img_size=64, window_size=4, **TINY).eval()
+    report = load_pretrained(classifier, {"model": microsoft})
+    assert sorted(report.missing_keys) == ["head.bias", "head.weight"]
+    assert "mask_token" in report.unexpected_keys and "decoder.0.weight" in report.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(classifier.forward_features(x), source.encoder.forward_features(x))
+
+
+def test_head_mismatch_is_skipped_other_mismatches_raise():
+    source = build_model("swinv2_tiny", img_size=64, window_size=4, **TINY)
+    other_head = build_model("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 3})
+    assert load_pretrained(other_head, source.state_dict()).skipped_head
+    wider = build_model("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "embed_dim": 32})
+    with pytest.raises(ValueError, match="patch_embed.proj.weight"):
+        load_pretrained(wider, source.state_dict())
+
+
+def test_simmim_loss_masks_pixels_and_trains():
+    torch.manual_seed(0)
+    simmim = build_simmim("swinv2_tiny", norm_target_patch_size=5, img_size=64, window_size=4,
+                          **{**TINY, "num_classes": 0})
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 16, 16)
+    mask[:, :8] = 1
+    loss = simmim(images, mask)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert simmim.mask_token.grad.abs().sum() > 0
+    with torch.no_grad():
+        prediction = simmim.reconstruct(images, mask)
+    assert prediction.shape == images.shape
+    raw = build_simmim("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 0})
+    with torch.no_grad():
+        masked_rows = (raw.reconstruct(images, mask) - images)[:, :, :32]  # mask rows 0..7 = pixel rows 0..31
+        torch.testing.assert_close(raw(images, mask), masked_rows.abs().mean())
+    assert "mask_token" in simmim.no_weight_decay() and "cpb_mlp" in simmim.no_weight_decay()
+    with pytest.raises(ValueError, match="mask"):
+        simmim(images, mask[:, :8])
+
+
+def test_normalized_targets_are_standardised_locally():
+    from models.simmim import normalize_targets
+    images = torch.rand(1, 3, 32, 32) * 5 + 2
+    normed = normalize_targets(images, 65)  # every pixel's window covers the whole 32x32 image
+    per_channel = normed.flatten(2)
+    torch.testing.assert_close(per_channel.mean(-1), torch.zeros(1, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(-1), torch.ones(1, 3), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("img_size, window_size, simmim", [(64, 4, False), (80, 6, False), (96, 8, True)])
+def test_analytic_flops_match_flop_counter(img_size, window_size, simmim):
+    arch = dict(img_size=img_size, window_size=window_size, **TINY)
+    model = (build_simmim("swinv2_tiny", **{**arch, "num_classes": 0}) if simmim
+             else build_model("swinv2_tiny", **arch)).eval()
+    counter = FlopCounterMode(display=False)
+    x = torch.randn(1, 3, img_size, img_size)
+    with counter, torch.no_grad():
+        model(x, torch.zeros(1, img_size // 4, img_size // 4)) if simmim else model(x)
+    assert estimate_flops(model) == pytest.approx(counter.get_total_flops(), rel=0.03)
+
+
+def test_flops_of_published_sizes_are_plausible():
+    # SwinV2-T at 256/window 8: timm's and Microsoft's model cards say 5.96 GMACs (5.9G FLOPs)
+    assert estimate_flops(build_model("swinv2_tiny", device="meta")) / 2e9 == pytest.approx(5.96, rel=0.02)
+    giant = build_model("swinv2_giant", device="meta")
+    assert estimate_flops(giant, 1536) > 60 * estimate_flops(giant, 192)
+
