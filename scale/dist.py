@@ -6,10 +6,12 @@ and ignores SLURM's variables, so under srun we translate them first. A plain
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +70,9 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     map_launcher_env()
+    # DeepSpeed logs every config value and bucket at INFO on every rank; our log line covers what matters
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -1,0 +1,181 @@
+"""SimMIM pretraining of SwinV2 on WebDataset shards with DeepSpeed (ZeRO 1/2/3, bf16 on GPU).
+
+Demo (no --config: a small SwinV2 on generated demo shards, a few minutes on 2 CPU cores):
+    deepspeed --num_gpus 2 run_pretrain.py
+A published recipe on one 8-GPU node:
+    deepspeed run_pretrain.py --ds_config ds_configs/zero3.json --config configs/pretrain/swinv2_base.yaml \
+        data.path=/data/imagenet-shards
+SLURM (one task per GPU; scale/dist.py maps SLURM_* to what DeepSpeed expects):
+    srun python run_pretrain.py --config configs/pretrain/swinv2_giant.yaml data.path=/data/shards
+Dotted overrides after the options, type-checked against configs (see scale/config.py), e.g.
+    model.name=swinv2_base train.max_steps=100 checkpoint.every_steps=50 output_dir=/x resume=auto
+Export weights for fine-tuning: python -m scale.export output/<name> pretrained.pt
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what data.SimMIMTransform normalises with
+
+from scale.checkpoint import CheckpointManager
+from scale.config import ConfigError, check_model_name, load_config
+from scale.dist import init_distributed, map_launcher_env, rng_state, seed_everything, set_rng_state
+from scale.ds_config import fill_ds_config, load_ds_config, resolve_precision
+from scale.engine import NonFiniteGuard, NonFiniteLossError, build_engine
+from scale.lr_schedule import build_lr_schedule, scale_lr
+from scale.metrics import MetricsProcessor, build_logger, device_peak_flops, reconstruction_grid
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="SimMIM pretraining of SwinV2 with DeepSpeed",
+                                epilog="overrides: section.key=value words, e.g. train.max_steps=100")
+    p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON (sharding, buckets)")
+    p.add_argument("--config", default=None, help="experiment YAML; omitted = the demo (configs/pretrain/demo.yaml)")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK is used")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    map_launcher_env()  # RANK/WORLD_SIZE from the launcher, SLURM, or a one-process default
+    world_size, is_rank0 = int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0"
+    cuda = torch.cuda.is_available()
+
+    # -------------------------------------------------------------------- config: fail fast, in one line
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_model_name(cfg)
+        global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
+        peak_lr = scale_lr(cfg.optim.lr, global_batch, cfg.optim.lr_batch_base)
+        ds = fill_ds_config(load_ds_config(args.ds_config), cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr)
+    except ConfigError as e:
+        if is_rank0:
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    # -------------------------------------------------------------------- distributed setup
+    import deepspeed.comm as dist
+
+    import data
+    import models
+
+    info = init_distributed()
+    log = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+    if args.config is None:
+        log("no --config given: running the demo (configs/pretrain/demo.yaml: a small SwinV2 on generated "
+            "demo shards); pass --config configs/pretrain/<size>.yaml for a real run")
+    _, notice = resolve_precision(cfg.train.precision, cuda)
+    if notice and ds["bf16"]["enabled"] is False:
+        log(notice)
+    log(f"{info.world_size} rank(s) on {info.device.type}, ZeRO stage {ds['zero_optimization']['stage']}, "
+        f"{'bf16' if ds['bf16']['enabled'] else 'fp32'}, global batch {global_batch}, output {cfg.output_dir}")
+    if info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))  # the resolved config, to reproduce the run
+        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
+            json.dump(ds, f, indent=1)
+    seed_everything(cfg.seed)  # same seed everywhere: identical init on every rank
+
+    # -------------------------------------------------------------------- data
+    data_path = cfg.data.path
+    if not data_path:  # demo shards are generated on first use; rank 0 writes them, the rest wait
+        if info.is_main:
+            data_path = data.demo_shards()
+        dist.barrier()
+        data_path = data.demo_shards()
+    transform = data.SimMIMTransform(cfg.model.img_size, mask_patch_size=cfg.data.mask_patch_size,
+                                     model_patch_size=cfg.model.patch_size, mask_ratio=cfg.data.mask_ratio)
+    loader = data.ShardLoader(data_path, transform, cfg.train.micro_batch_size, rank=info.rank,
+                              world_size=info.world_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                              resampled=cfg.data.resampled)
+    steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum_steps)
+    total_steps = cfg.train.max_steps or round(cfg.train.epochs * steps_per_epoch)
+    schedule = build_lr_schedule(cfg.schedule, lr=cfg.optim.lr, global_batch=global_batch,
+                                 batch_base=cfg.optim.lr_batch_base, total_steps=total_steps, epochs=cfg.train.epochs)
+
+    # -------------------------------------------------------------------- model, optimizer, engine
+    engine, model = build_engine(cfg, ds, info)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    flops_per_image = models.estimate_flops(model, cfg.model.img_size)
+    log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {flops_per_image / 1e9:.2f} GFLOPs/image fwd, "
+        f"{len(loader)} batches/epoch/rank, {total_steps} steps")
+
+    # -------------------------------------------------------------------- resume
+    ckpt = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=info.rank)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
+    step = 0
+    resume_from = ckpt.resolve_resume(cfg.resume)
+    if resume_from is not None:
+        client, rank_state = ckpt.load(engine.engine, *resume_from)
+        step = client["step"]
+        guard.total, engine.overflow_skips = client["nonfinite_skips"], client["overflow_skips"]
+        loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])  # drop path continues the exact random stream
+        if client["schedule"] != schedule.state_dict():
+            log(f"note: the LR schedule differs from the checkpoint's ({client['schedule']})")
+        log(f"resumed from {resume_from[0]}/{resume_from[1]} at step {step}")
+
+    def save_checkpoint() -> None:
+        ckpt.save(engine.engine, step,
+                  client_state={"step": step, "schedule": schedule.state_dict(), "nonfinite_skips": guard.total,
+                                "overflow_skips": engine.overflow_skips},
+                  rank_state={"rng": rng_state(), "loader": loader.state_dict()},
+                  meta={"step": step, "config": cfg.to_dict(), "model_args": {
+                      "name": cfg.model.name, "norm_target_patch_size": cfg.model.norm_target_patch_size,
+                      **cfg.model.build_args()}})
+
+    def log_reconstruction(batch) -> None:
+        images, mask, prediction = engine.reconstruct(batch, cfg.log.num_images)  # collective under ZeRO-3
+        grid = reconstruction_grid(images, mask, prediction, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        logger.image(step, "simmim/input_masked_reconstruction", grid)
+
+    # -------------------------------------------------------------------- train
+    logger = build_logger(cfg.output_dir, is_main=info.is_main, tensorboard=cfg.log.tensorboard)
+    metrics = MetricsProcessor(logger, every_steps=cfg.log.every_steps, total_steps=total_steps,
+                               images_per_step=global_batch, flops_per_image=flops_per_image,
+                               peak_flops=device_peak_flops(info.device), device=info.device,
+                               world_size=info.world_size, print_fn=log)
+    batches = loader.forever()
+    batch = None
+    exit_code = 0
+    try:
+        while step < total_steps:
+            lr = schedule.apply(engine.param_groups, step)  # per group: keeps each group's lr_scale
+            losses = []
+            while len(losses) < cfg.train.grad_accum_steps:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                metrics.data_wait(time.perf_counter() - t0)
+                loss = engine.micro_step(batch).loss  # None: non-finite somewhere, skipped on all ranks
+                guard.update(loss is not None, step=step + 1, last_checkpoint=ckpt.last_saved)
+                if loss is not None:
+                    losses.append(loss)
+            step += 1
+            metrics.nonfinite_skips, metrics.overflow_skips = guard.total, engine.overflow_skips
+            corrupt = torch.tensor(float(sum(loader.corrupt_counts().values())), device=info.device)
+            dist.all_reduce(corrupt)  # skipped samples of all ranks, for the log line
+            metrics.step_done(step, loss=sum(losses) / len(losses), lr=lr, grad_norm=engine.grad_norm(),
+                              corrupt=int(corrupt.item()))
+            final = step == total_steps
+            if ckpt.due(step, final=final):
+                save_checkpoint()
+            if final or step % cfg.log.image_every_steps == 0:
+                log_reconstruction(batch)
+            metrics.restart_clock()  # checkpoint and image time is not step time
+    except NonFiniteLossError as e:
+        log(f"stopped: {e}")
+        exit_code = 1
+    logger.close()
+    if exit_code == 0:
+        log(f"done: {step} steps; checkpoints in {ckpt.dir}; export with: python -m scale.export {cfg.output_dir} "
+            f"{os.path.join(cfg.output_dir, 'pretrained.pt')}")
+    dist.barrier()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
