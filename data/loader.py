@@ -82,9 +82,9 @@ class _EpochStream(IterableDataset):
     """One rank's epoch, read by DataLoader workers; yields chunks of decoded samples plus bookkeeping."""
 
     def __init__(self, urls: list[str], pieces: list[tuple[int, int, int]], skip: dict[int, int],
-                 transform: Callable, chunk_size: int, seeds: tuple[int, int, int], shuffle_buffer: int,
-                 interleave: int, max_pixels: int):
-        self.urls, self.pieces, self.skip = urls, pieces, skip
+                 replay: dict[int, tuple[int, int]], offset: int, transform: Callable, chunk_size: int,
+                 seeds: tuple[int, int, int], shuffle_buffer: int, interleave: int, max_pixels: int):
+        self.urls, self.pieces, self.skip, self.replay, self.offset = urls, pieces, skip, replay, offset
         self.transform, self.chunk_size, self.seeds = transform, chunk_size, seeds
         self.shuffle_buffer, self.interleave, self.max_pixels = shuffle_buffer, interleave, max_pixels
 
@@ -113,7 +113,10 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        phys, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Logical worker ids rotate so that after a resume DataLoader's worker 0 continues the
+        # round-robin where the interrupted run stopped.
+        wid = (phys + self.offset) % nw
         if info is not None:
             # Augmentations repeat with the seed; in the main process (num_workers=0) leave the
             # trainer's RNG alone.
@@ -123,20 +126,26 @@ class _EpochStream(IterableDataset):
             np.random.seed(s)
         corrupt: Counter = Counter()
         warn = WarningLimiter(log)
+        replay, phase = self.replay.get(wid, (0, 0))
 
         def on_error(reason: str, detail: str) -> None:
-            corrupt[reason] += 1
-            warn(reason, detail)
+            if draw >= replay:  # errors met while fast-forwarding were counted before the resume
+                corrupt[reason] += 1
+                warn(reason, detail)
 
         todo = deque(p for p in range(wid, len(self.pieces), nw)
                      if self.skip.get(p, 0) < self.pieces[p][2] - self.pieces[p][1])
         active: list[tuple[int, Iterator]] = []
         pick = random.Random(f"{self.seeds}-mix-{wid}-{nw}")
         chunk: list[dict] = []
+        rows: list[list[int]] = []
+        target = self.chunk_size - phase  # finish the chunk a resumed run was in the middle of
+        draw = -1
         while todo or active:
             while todo and len(active) < self.interleave:
                 p = todo.popleft()
                 active.append((p, self._piece_outputs(p, on_error)))
+            draw += 1
             a = pick.randrange(len(active))
             p, it = active[a]
             nxt = next(it, None)
@@ -144,7 +153,7 @@ class _EpochStream(IterableDataset):
                 active.pop(a)
                 continue
             pos, key, sample = nxt
-            if pos < self.skip.get(p, 0):
+            if draw < replay or pos < self.skip.get(p, 0):
                 continue
             img, label, reason = decode_sample(sample, self.max_pixels)
             if img is None:
@@ -153,14 +162,23 @@ class _EpochStream(IterableDataset):
             out = self.transform(img)
             out = dict(out) if isinstance(out, dict) else {"image": out}
             out.update(label=label, __key__=key)
-            out["__pos__"] = torch.tensor([p, pos])
             chunk.append(out)
-            if len(chunk) == self.chunk_size:
-                yield {**_collate(chunk), "__corrupt__": dict(corrupt)}
-                corrupt.clear()
-                chunk = []
+            rows.append([p, pos, wid, draw])
+            if len(chunk) == target:
+                yield self._emit(chunk, rows, corrupt)
+                chunk, rows, target = [], [], self.chunk_size
         if chunk or corrupt:
-            yield {**(_collate(chunk) if chunk else {}), "__corrupt__": dict(corrupt)}
+            yield self._emit(chunk, rows, corrupt)
+
+    @staticmethod
+    def _emit(chunk: list[dict], rows: list[list[int]], corrupt: Counter) -> dict:
+        out = _collate(chunk) if chunk else {}
+        if chunk:
+            # Columns: piece, output position in piece, logical worker, draw, index in chunk, chunk size.
+            out["__pos__"] = torch.tensor([r + [i, len(rows)] for i, r in enumerate(rows)], dtype=torch.long)
+        out["__corrupt__"] = dict(corrupt)
+        corrupt.clear()
+        return out
 
 
 def _size(chunk: dict) -> int:
@@ -225,7 +243,15 @@ class ShardLoader:
         self._fingerprint = hashlib.sha256(repr((self.urls, self.counts)).encode()).hexdigest()[:16]
         self._corrupt: Counter = Counter()
         self.padded = 0
-        self.epoch, self._batches, self._consumed = 0, 0, {}
+        self._nw = max(1, num_workers)
+        self._reset(0)
+
+    def _reset(self, epoch: int) -> None:
+        self.epoch, self._batches = epoch, 0
+        self._consumed: dict[int, int] = {}  # piece -> outputs delivered (a prefix of its fixed order)
+        self._base: dict[int, int] = {}  # per-piece prefix skipped when the current stream started
+        self._workers: dict[int, list[int]] = {}  # logical worker -> [draws done, samples of open chunk]
+        self._next_worker = 0
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -239,21 +265,27 @@ class ShardLoader:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate; a no-op for the current epoch, so calling it after a restore keeps the position."""
         if epoch != self.epoch:
-            self.epoch, self._batches, self._consumed = epoch, 0, {}
+            self._reset(epoch)
 
     def corrupt_counts(self) -> dict[str, int]:
         """Skipped items on this rank since construction, per reason (see `data.shards.REASONS`)."""
         return dict(self._corrupt)
 
     def state_dict(self) -> dict:
-        """Position within the epoch (batches delivered, per-piece prefixes consumed) and counters."""
+        """Position within the epoch (batches delivered, per-piece and per-worker progress) and counters."""
         return {"epoch": self.epoch, "batches": self._batches, "consumed": dict(self._consumed),
+                "base": dict(self._base), "workers": {w: list(v) for w, v in self._workers.items()},
+                "next_worker": self._next_worker, "num_workers": self._nw,
                 "corrupt": dict(self._corrupt), "padded": self.padded, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
                 "resampled": self.resampled, "shards": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a position saved by `state_dict` on the same rank; num_workers may differ."""
+        """Restore a position saved by `state_dict` on the same rank; num_workers may differ.
+
+        With the same num_workers the rest of the epoch comes in exactly the uninterrupted order;
+        with another count it holds exactly the same samples in another order.
+        """
         for k in ("seed", "rank", "world_size", "batch_size", "resampled"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: "
@@ -261,8 +293,17 @@ class ShardLoader:
         if state["shards"] != self._fingerprint:
             raise ValueError("loader state was saved for a different shard list or sample counts: "
                              "resume with the same shards (and index.json)")
-        self.epoch, self._batches = state["epoch"], state["batches"]
+        self._reset(state["epoch"])
+        self._batches = state["batches"]
         self._consumed = {int(k): int(v) for k, v in state["consumed"].items()}
+        if state["num_workers"] == self._nw:
+            self._base = {int(k): int(v) for k, v in state["base"].items()}
+            self._workers = {int(k): list(v) for k, v in state["workers"].items()}
+            self._next_worker = state["next_worker"]
+        else:
+            # Worker streams cannot be replayed under another worker count: restart them from the
+            # per-piece prefixes instead (same samples, new interleaving).
+            self._base = dict(self._consumed)
         self._corrupt = Counter(state["corrupt"])
         self.padded = state["padded"]
 
@@ -272,17 +313,28 @@ class ShardLoader:
             sizes[-1] = self.per_rank - (self._len - 1) * self.batch_size
         return sizes
 
+    def _stream(self, pieces: list, skip: dict, replay: dict, offset: int) -> _EpochStream:
+        return _EpochStream(self.urls, pieces, skip, replay, offset, self.transform, self.batch_size,
+                            (self.seed, self.epoch, self.rank), self.shuffle_buffer, self.interleave,
+                            self.max_pixels)
+
+    def _record(self, rows: torch.Tensor) -> None:
+        """Mark a delivered batch's samples (rows of `__pos__`) as consumed."""
+        for p, pos, w, draw, i, n in rows.tolist():
+            self._consumed[p] = max(self._consumed.get(p, 0), pos + 1)
+            self._workers[w] = [draw + 1, (i + 1) % n]
+            self._next_worker = w if i + 1 < n else (w + 1) % self._nw
+
     def __iter__(self) -> Iterator[dict]:
         """Yield the rest of the current epoch's batches, then advance to the next epoch."""
         epoch, sizes = self.epoch, self._batch_sizes()
         if self._batches < self._len:
             pieces = plan_epoch(self.counts, epoch, self.seed, self.rank, self.world_size, self.resampled)
-            if self._batches == 0 and len(pieces) < max(1, self.num_workers):
+            if self._batches == 0 and len(pieces) < self._nw:
                 log.warning("rank %d has %d shard pieces for %d workers: some workers idle; use at least "
-                            "world_size x num_workers shards", self.rank, len(pieces), self.num_workers)
-            stream = _EpochStream(self.urls, pieces, dict(self._consumed), self.transform, self.batch_size,
-                                  (self.seed, epoch, self.rank), self.shuffle_buffer, self.interleave,
-                                  self.max_pixels)
+                            "world_size x num_workers shards", self.rank, len(pieces), self._nw)
+            stream = self._stream(pieces, dict(self._base), {w: tuple(v) for w, v in self._workers.items()},
+                                  self._next_worker)
             dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
                             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
             pending: deque = deque()
@@ -300,15 +352,18 @@ class ShardLoader:
                         have += _size(chunk)
                 if have >= want:
                     batch, have = self._take(pending, want), have - want
-                    for p, pos in batch["__pos__"].tolist():
-                        self._consumed[p] = max(self._consumed.get(p, 0), pos + 1)
-                elif last is not None or have:
+                    self._record(batch["__pos__"])
+                else:
+                    if last is None and not have:
+                        # Resumed inside the padded tail: nothing left to read, so repeat the
+                        # epoch's first samples.
+                        last = next(iter(self._stream(pieces, {}, {}, 0)), None)
+                        if last is None or not _size(last):
+                            raise RuntimeError(f"rank {self.rank} decoded no sample in epoch {epoch} "
+                                               f"(skipped: {dict(self._corrupt)}); check the shards with "
+                                               "`python -m data.check_shards`")
                     batch = self._pad(pending, have, last, want)
                     have = 0
-                else:
-                    raise RuntimeError(f"rank {self.rank} decoded no sample in epoch {epoch} "
-                                       f"(skipped: {dict(self._corrupt)}); check the shards with "
-                                       "`python -m data.check_shards`")
                 last = batch
                 self._batches += 1
                 out = {k: v for k, v in batch.items() if k not in _META}
@@ -317,7 +372,7 @@ class ShardLoader:
                 yield out
             del it, dl  # shuts the workers down before the next epoch starts new ones
         if self.epoch == epoch:
-            self.epoch, self._batches, self._consumed = epoch + 1, 0, {}
+            self._reset(epoch + 1)
 
     def forever(self) -> Iterator[dict]:
         """Iterate epoch after epoch without end (for step-based training loops)."""
@@ -342,13 +397,12 @@ class ShardLoader:
                 need = 0
         return _concat(parts)
 
-    def _pad(self, pending: deque, have: int, last: dict | None, want: int) -> dict:
+    def _pad(self, pending: deque, have: int, last: dict, want: int) -> dict:
         """Fill a batch the rank's valid samples cannot fill, repeating samples seen this epoch."""
         parts = [self._take(pending, have)] if have else []
         for p in parts:
-            for q, pos in p["__pos__"].tolist():
-                self._consumed[q] = max(self._consumed.get(q, 0), pos + 1)
-        source = _concat(parts + ([last] if last is not None else []))
+            self._record(p["__pos__"])
+        source = _concat(parts + [{k: v for k, v in last.items() if k != "__corrupt__"}])
         idx = torch.arange(want - have) % _size(source)
         fill = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()]
                 for k, v in source.items()}

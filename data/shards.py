@@ -33,7 +33,8 @@ REASONS = {
 }
 
 # Same rule as webdataset's base_plus_ext: the key is the path up to the first dot of the basename,
-# so shards from wds.ShardWriter and from GNU tar of key.jpg/key.cls files group identically.
+# so shards from wds.ShardWriter and from GNU tar of key.jpg/key.cls files group identically. As in
+# webdataset, a key's members must be adjacent: make GNU tar shards with `tar --sort=name -cf`.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 
 
