@@ -397,12 +397,12 @@ class ShardLoader:
                 need = 0
         return _concat(parts)
 
-    def _pad(self, pending: deque, have: int, last: dict, want: int) -> dict:
+    def _pad(self, pending: deque, have: int, last: dict | None, want: int) -> dict:
         """Fill a batch the rank's valid samples cannot fill, repeating samples seen this epoch."""
         parts = [self._take(pending, have)] if have else []
         for p in parts:
             self._record(p["__pos__"])
-        source = _concat(parts + [{k: v for k, v in last.items() if k != "__corrupt__"}])
+        source = _concat(parts + ([{k: v for k, v in last.items() if k != "__corrupt__"}] if last else []))
         idx = torch.arange(want - have) % _size(source)
         fill = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()]
                 for k, v in source.items()}

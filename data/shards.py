@@ -84,14 +84,15 @@ def iter_tar_samples(stream, on_error: Callable[[str, str], None], name: str = "
             if m is None:
                 continue
             k, ext = m.group(1), m.group(2).lower()
+            if k != key:
+                # A new key completes the previous sample; yield it before a read error can lose it.
+                if key is not None:
+                    yield key, sample
+                key, sample = k, {}
             f = tf.extractfile(info)
             data = f.read() if f is not None else b""
             if len(data) != info.size:
                 raise EOFError(f"member {info.name} has {len(data)} of {info.size} bytes")
-            if k != key:
-                if key is not None:
-                    yield key, sample
-                key, sample = k, {}
             sample[ext] = data
     except (tarfile.TarError, OSError, EOFError) as e:
         on_error("truncated_tar", f"{name}: {e}")

@@ -45,3 +45,6 @@ def epoch_keys(loader, epoch: int | None = None) -> list[list[str]]:
     if epoch is not None:
         loader.set_epoch(epoch)
     return [b["__key__"] for b in loader]
+
+
+REPO = Path(__file__).resolve().parents[1]
