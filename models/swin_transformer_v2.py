@@ -76,14 +76,13 @@ def log_cpb_coords(window: tuple[int, int], pretrained_window: tuple[int, int]) 
     Coordinates are normalised by the pretrained window when one is given (the official
     convention for transferring to a larger window), else by the window itself.
     """
-    # fp32 explicitly: deepspeed.zero.Init changes torch.arange's default dtype
-    coords_h = torch.arange(-(window[0] - 1), window[0], dtype=torch.float32)
-    coords_w = torch.arange(-(window[1] - 1), window[1], dtype=torch.float32)
-    table = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1)
+    # integer aranges, then .float(): deepspeed.zero.Init (bf16) turns every floating tensor that
+    # a torch constructor makes into bf16, even with an explicit dtype, so no float constructors here
     norm = pretrained_window if pretrained_window[0] > 0 else window
     # max(.., 1): a window of 1 has only the relative coordinate 0
-    table = table / torch.tensor([max(norm[0] - 1, 1), max(norm[1] - 1, 1)], dtype=torch.float32)
-    table = table * 8
+    coords_h = torch.arange(-(window[0] - 1), window[0]).float() / max(norm[0] - 1, 1)
+    coords_w = torch.arange(-(window[1] - 1), window[1]).float() / max(norm[1] - 1, 1)
+    table = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1) * 8
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
