@@ -37,11 +37,22 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
 CLIs: `python -m data.write_shards SRC OUT [--shard-size N] [--workers W] [--val-fraction F]` and
 `python -m data.check_shards PATH` (prints {"shards", "samples", "skipped", "errors"}).
 """
-from .demo import demo_shards
-from .index import read_index
-from .loader import ShardLoader
-from .shards import REASONS
-from .transforms import MaskGenerator, SimMIMTransform, build_eval_transform, build_finetune_transform, build_mixup
+import importlib
 
-__all__ = ["demo_shards", "read_index", "ShardLoader", "REASONS", "MaskGenerator", "SimMIMTransform",
-           "build_eval_transform", "build_finetune_transform", "build_mixup"]
+# Lazy attributes (PEP 562): the CLIs (`python -m data.write_shards`, `data.check_shards`) start
+# without importing torch and timm, which the loader and transforms need.
+_EXPORTS = {"demo_shards": "demo", "read_index": "index", "ShardLoader": "loader", "REASONS": "shards",
+            "MaskGenerator": "transforms", "SimMIMTransform": "transforms",
+            "build_eval_transform": "transforms", "build_finetune_transform": "transforms",
+            "build_mixup": "transforms"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -96,5 +96,7 @@ def build_mixup(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, prob:
     With mixup = cutmix = 0 it still returns label-smoothed one-hot targets, so the training loop
     always uses a soft-target loss and has no mixup branch. The batch size must be even.
     """
+    if mixup <= 0 and cutmix <= 0:
+        prob = 0.0  # timm asserts if asked to mix with both alphas 0; never mixing is what is meant
     return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob, mode=mode,
                  label_smoothing=label_smoothing, num_classes=num_classes)
