@@ -140,7 +140,10 @@ def decode_sample(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[I
     if img.width * img.height > max_pixels:
         return None, -1, "too_large"
     try:
-        img = img.convert("RGB")
+        # convert() on an RGB image would decode and then copy; load() decodes in place.
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return None, -1, "too_large" if isinstance(e, Image.DecompressionBombError) else "bad_image"
     return img, label, ""

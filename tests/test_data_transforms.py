@@ -59,3 +59,13 @@ def test_mixup_soft_targets():
     assert torch.allclose(t.sum(1), torch.ones(4))
     _, t0 = build_mixup(num_classes=5, mixup=0.0, cutmix=0.0, label_smoothing=0.1)(x.clone(), y)
     assert torch.allclose(t0.argmax(1), y) and torch.allclose(t0.max(1).values, torch.full((4,), 0.92))
+
+
+def test_fused_normalisation_matches_torchvision():
+    from torchvision import transforms as T
+
+    from data.transforms import ToNormalizedTensor
+    img = _img(37, 23)
+    ref = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(T.ToTensor()(img))
+    assert torch.allclose(ToNormalizedTensor()(img), ref, atol=1e-5)
+    assert torch.allclose(ToNormalizedTensor()(img.convert("L")), ToNormalizedTensor()(img.convert("L").convert("RGB")))
