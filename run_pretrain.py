@@ -174,6 +174,7 @@ def main(argv=None) -> int:
         log(f"done: {step} steps; checkpoints in {ckpt.dir}; export with: python -m scale.export {cfg.output_dir} "
             f"{os.path.join(cfg.output_dir, 'pretrained.pt')}")
     dist.barrier()
+    dist.destroy_process_group()
     return exit_code
 
 

@@ -44,7 +44,9 @@ def _export(out, dest) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    stdout = {stage: _launch(f"zero{stage}", root / f"z{stage}", "resume=none") for stage in (1, 2, 3)}
+    # ZeRO-1 also covers gradient accumulation: 2 micro-batches of 4 = the same 8 images per rank and step
+    stdout = {1: _launch("zero1", root / "z1", "resume=none", "train.micro_batch_size=4", "train.grad_accum_steps=2")}
+    stdout.update({stage: _launch(f"zero{stage}", root / f"z{stage}", "resume=none") for stage in (2, 3)})
     # an interrupted run: the ZeRO-3 run as it was after its step-3 checkpoint
     resumed = root / "z3_resumed"
     shutil.copytree(root / "z3", resumed, ignore=shutil.ignore_patterns("step_00000006", "metrics.jsonl",
@@ -66,6 +68,7 @@ def test_each_zero_stage_trains_and_loss_falls(runs, stage):
     assert len(losses) == STEPS and all(map(lambda x: x == x, losses))
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     assert f"ZeRO stage {stage}" in stdout[stage] and f"step {STEPS}/{STEPS}" in stdout[stage]
+    assert "global batch 16" in stdout[stage]
     assert (root / f"z{stage}" / "config.yaml").is_file() and (root / f"z{stage}" / "ds_config.json").is_file()
 
 
