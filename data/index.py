@@ -14,6 +14,7 @@ front so that every rank can be told the same number of batches per epoch before
 import glob
 import json
 import os
+import re
 from pathlib import Path
 
 import braceexpand
@@ -118,6 +119,11 @@ def shard_counts(urls: list[str], index: str | os.PathLike | None = None) -> lis
                 known[os.path.basename(s["name"])] = int(s["samples"])
     counts = []
     for u in urls:
-        name = os.path.basename(u.split()[-1] if u.startswith("pipe:") else u)
-        counts.append(known[name] if name in known else count_samples(u))
+        counts.append(known.get(shard_name(u)) if shard_name(u) in known else count_samples(u))
     return counts
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name inside a URL or `pipe:` command (`pipe:aws s3 cp s3://b/x-000001.tar -`)."""
+    names = re.findall(r"[^\s/]+\.(?:tar\.gz|tgz|tar)\b", url)
+    return names[-1] if names else os.path.basename(url)

@@ -20,6 +20,7 @@ that leaves a rank short, its last batches are topped up with samples it already
 epoch (counted in `padded`), so batch counts stay equal.
 """
 import hashlib
+import os
 import logging
 import random
 from collections import Counter, deque
@@ -220,7 +221,7 @@ class ShardLoader:
 
     def __init__(self, urls, transform: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 4, seed: int = 0, resampled: bool = False, split: str = "train",
-                 index: str | None = None, drop_last: bool = True, shuffle_buffer: int = 256,
+                 index: str | os.PathLike | None = None, drop_last: bool = True, shuffle_buffer: int = 256,
                  interleave: int = 4, prefetch_factor: int = 2, pin_memory: bool = False,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         if not 0 <= rank < world_size:

@@ -33,7 +33,9 @@ class ToNormalizedTensor:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """Convert and normalise one image."""
         arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)  # (H, W, 3) uint8
-        return torch.addcmul(self.bias, torch.from_numpy(arr.copy()).permute(2, 0, 1), self.scale)
+        # uint8 HWC -> contiguous CHW before widening: the fastest order measured (4x less to move).
+        chw = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        return chw.float().mul_(self.scale).add_(self.bias)
 
 
 class MaskGenerator:

@@ -157,7 +157,8 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, shard_size: int
             for n, ((path, label), (ext, data)) in enumerate(bar):
                 if ext is None:
                     skipped[data] += 1
-                    index["skipped_files"].append([path, data])
+                    if len(index["skipped_files"]) < 1000:  # the full list went to stderr
+                        index["skipped_files"].append([path, data])
                     print(f"skipped {path}: {data}", file=sys.stderr)
                     continue
                 members = {ext: data}

@@ -81,6 +81,12 @@ def test_sources_folder_brace_list_pipe_gnu_tar_and_wds_writer(tmp_path):
         got = sum(epoch_keys(ShardLoader(src, to_tensor, 1, num_workers=0)), [])
         assert sorted(got) == keys, src
 
+    # Object-store style: counts come from an index.json elsewhere, so nothing is scanned up front.
+    indexed = make_shards(tmp_path / "indexed", 2, 5)
+    pipes = [f"pipe:cat {tmp_path}/indexed/train-00000{i}.tar" for i in range(2)]
+    ld = ShardLoader(pipes, to_tensor, 2, num_workers=0, index=tmp_path / "indexed")
+    assert ld.counts == [5, 5] and sorted(sum(epoch_keys(ld), [])) == indexed
+
     # GNU tar of loose key.jpg / key.cls files, the other common producer. --sort=name keeps a key's
     # members adjacent, which every WebDataset reader needs (directory order does not).
     loose = tmp_path / "loose"
