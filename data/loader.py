@@ -20,8 +20,8 @@ that leaves a rank short, its last batches are topped up with samples it already
 epoch (counted in `padded`), so batch counts stay equal.
 """
 import hashlib
-import os
 import logging
+import os
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterator

@@ -1,7 +1,5 @@
 """ShardLoader: per-rank splitting with real DataLoader workers, shuffling, sources, batch layout."""
-import os
 import subprocess
-import tarfile
 
 import pytest
 import torch
