@@ -21,7 +21,8 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
     timm `Mixup`: `images, soft_targets = mix(images, labels)` (even batch size); with
     mixup = cutmix = 0 it only label-smooths, so a loop can always use a soft-target loss.
 - `ShardLoader(urls, transform, batch_size, *, rank=0, world_size=1, num_workers=4, seed=0,
-  resampled=False, split="train", index=None (path of an index.json for pipe:/remote shards), drop_last=True, shuffle_buffer=256, interleave=4,
+  resampled=False, split="train", index=None (an index.json path, for pipe:/remote shards),
+  drop_last=True, shuffle_buffer=256, interleave=4,
   prefetch_factor=2, pin_memory=False, max_pixels=PIL's limit)`
     `urls`: folder (its `index.json` split, else `{split}-*.tar`, else `*.tar`), brace pattern, list
     file, `pipe:` command, or a list of those. Iterating yields the rest of the current epoch as

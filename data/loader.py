@@ -264,7 +264,7 @@ class ShardLoader:
         return sum(self.counts)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate; a no-op for the current epoch, so calling it after a restore keeps the position."""
+        """Select the epoch to iterate; a no-op for the current one, so it keeps a restored position."""
         if epoch != self.epoch:
             self._reset(epoch)
 

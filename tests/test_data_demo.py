@@ -62,7 +62,8 @@ def test_demo_classes_are_balanced_and_images_vary(demo_root):
 
 
 def _small_input(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.resize((32, 32), Image.BILINEAR), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    arr = np.asarray(img.resize((32, 32), Image.BILINEAR), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
 
 
 def test_demo_is_learnable(demo_root):
