@@ -33,9 +33,13 @@ __all__ = ["SwinTransformerV2", "build_model", "list_models", "checkpoint_filter
 ATTN_BACKENDS = ("auto", "fused", "sequential", "plain")
 # Shifted-window mask value of the published model: exp(-100) is 0 after softmax in fp32/bf16.
 MASK_VALUE = -100.0
-# "auto" switches to the sequential path when one attention call would cover more scores
-# than this (2^27 scores = 512 MiB in fp32 for the plain path).
-AUTO_SEQUENTIAL_SCORES = 2 ** 27
+# The sequential path keeps one chunk's intermediates alive at a time, each about this many
+# elements (attention scores or MLP hidden units): 2^24 = 64 MiB in fp32.
+SEQUENTIAL_CHUNK_ELEMENTS = 2 ** 24
+# "auto" goes sequential above this many elements in one call. The CPU attention kernels
+# expand a broadcast mask (and its gradient) to every window, so the CPU switches early;
+# GPU kernels keep the bias broadcast and lose speed to chunking, so they switch late.
+AUTO_SEQUENTIAL_ELEMENTS = {"cpu": 2 ** 25, "other": 2 ** 31}
 
 IntOrPair = Union[int, tuple[int, int]]
 
@@ -68,6 +72,23 @@ def window_reverse(windows: torch.Tensor, window: tuple[int, int], size: tuple[i
     H, W = size
     x = windows.view(B, H // window[0], W // window[1], window[0], window[1], C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def use_sequential(x: torch.Tensor, elements: int) -> bool:
+    """The "auto" rule: chunk a training computation of `elements` intermediate values when large."""
+    limit = AUTO_SEQUENTIAL_ELEMENTS["cpu" if x.device.type == "cpu" else "other"]
+    return torch.is_grad_enabled() and elements > limit
+
+
+def run_in_chunks(fn: Callable, x: torch.Tensor, chunk: int, *args: Any) -> torch.Tensor:
+    """fn over pieces of x along dim 0, concatenated: the paper's sequential processing.
+
+    Each piece is checkpointed when training, so only the piece inputs are kept for backward
+    and the intermediates are rebuilt one piece at a time.
+    """
+    if not torch.is_grad_enabled():
+        return torch.cat([fn(piece, *args) for piece in x.split(chunk)])
+    return torch.cat([checkpoint(fn, piece, *args, use_reentrant=False) for piece in x.split(chunk)])
 
 
 def log_cpb_coords(window: tuple[int, int], pretrained_window: tuple[int, int]) -> torch.Tensor:
@@ -223,23 +244,14 @@ class WindowAttention(nn.Module):
 
     def _attend(self, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(W, N, C) windows sharing one (heads, N, N) additive mask -> (W, N, C)."""
+        scores_per_window = self.num_heads * windows.shape[1] ** 2
         backend = self.backend
-        scores = windows.shape[0] * self.num_heads * windows.shape[1] ** 2
         if backend == "auto":
-            backend = "sequential" if torch.is_grad_enabled() and scores > AUTO_SEQUENTIAL_SCORES else "fused"
+            backend = "sequential" if use_sequential(windows, windows.shape[0] * scores_per_window) else "fused"
         if backend != "sequential":
             return self._attend_chunk(windows, mask, backend == "plain")
-        chunk = self.chunk_windows or max(1, AUTO_SEQUENTIAL_SCORES // 8 // (self.num_heads * windows.shape[1] ** 2))
-        # checkpoint each chunk: only its input windows are kept for backward, the
-        # projections, normalised q/k and attention state are rebuilt chunk by chunk
-        use_checkpoint = torch.is_grad_enabled()
-        outputs = []
-        for piece in windows.split(chunk):
-            if use_checkpoint:
-                outputs.append(checkpoint(self._attend_chunk, piece, mask, False, use_reentrant=False))
-            else:
-                outputs.append(self._attend_chunk(piece, mask, False))
-        return torch.cat(outputs)
+        chunk = self.chunk_windows or max(1, SEQUENTIAL_CHUNK_ELEMENTS // scores_per_window)
+        return run_in_chunks(self._attend_chunk, windows, chunk, mask, False)
 
     def _attend_chunk(self, windows: torch.Tensor, mask: torch.Tensor, plain: bool) -> torch.Tensor:
         W, N, C = windows.shape
@@ -319,10 +331,22 @@ class SwinTransformerV2Block(nn.Module):
             x = torch.roll(x, shifts=self.shift, dims=(1, 2))
         return x[:, :H, :W] if pad_h or pad_w else x
 
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        hidden = self.mlp.fc1.out_features
+        backend = self.attn.backend
+        if backend == "sequential" or (backend == "auto" and use_sequential(x, tokens.shape[0] * hidden)):
+            chunk = max(1, SEQUENTIAL_CHUNK_ELEMENTS // hidden)
+            return run_in_chunks(self._mlp_tokens, tokens, chunk).view_as(x)
+        return self._mlp_tokens(x)
+
+    def _mlp_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.mlp(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         x = x + self.drop_path1(self.norm1(self._attention(x)))
-        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        x = x + self.drop_path2(self._mlp(x))
         return self.main_norm(x)
 
 
@@ -405,7 +429,7 @@ class SwinTransformerV2(nn.Module):
             pretrained_window_sizes: per-stage window the log-CPB was pretrained at (0: none).
             drop_path_rate: stochastic depth, rising linearly over all blocks.
             main_norm_every: add a main-branch LayerNorm after every N-th block of a stage (SwinV2-H/G: 6).
-            attn_backend: "fused" (SDPA), "sequential" (checkpointed window chunks), "plain"
+            attn_backend: "fused" (SDPA), "sequential" (checkpointed chunks of windows and tokens), "plain"
                 (matmul + softmax, the reference), or "auto" (sequential when attention is large).
             attn_chunk_windows: windows per chunk on the sequential path (0: automatic).
         """
