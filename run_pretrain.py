@@ -26,7 +26,8 @@ from scale.dist import init_distributed, map_launcher_env, rng_state, seed_every
 from scale.ds_config import fill_ds_config, load_ds_config, resolve_precision
 from scale.engine import NonFiniteGuard, NonFiniteLossError, build_engine
 from scale.lr_schedule import build_lr_schedule, scale_lr
-from scale.metrics import MetricsProcessor, build_logger, device_peak_flops, reconstruction_grid
+from scale.metrics import (MetricsProcessor, build_logger, denormalize_prediction, device_peak_flops,
+                           reconstruction_grid)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
 
     def log_reconstruction(batch) -> None:
         images, mask, prediction = engine.reconstruct(batch, cfg.log.num_images)  # collective under ZeRO-3
+        prediction = denormalize_prediction(prediction, images, cfg.model.norm_target_patch_size)
         grid = reconstruction_grid(images, mask, prediction, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         logger.image(step, "simmim/input_masked_reconstruction", grid)
 

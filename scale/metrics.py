@@ -194,6 +194,26 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def denormalize_prediction(prediction: torch.Tensor, images: torch.Tensor, patch_size: int | None) -> torch.Tensor:
+    """Map a prediction made against per-pixel normalised targets back to the input's space, for display.
+
+    With target normalisation on (SimMIM's SwinV2 recipe), the decoder predicts
+    (x - local mean) / local std over a `patch_size` window, so shown as-is it is a flat grey.
+    Here the window statistics come from the full input, as SimMIM's own visualisations do.
+    Same statistics as `models.simmim.normalize_targets` (border-cut window, unbiased variance).
+    """
+    if patch_size is None:
+        return prediction
+    x = images.detach().float()
+    pad = patch_size // 2
+    mean = torch.nn.functional.avg_pool2d(x, patch_size, stride=1, padding=pad, count_include_pad=False)
+    mean_sq = torch.nn.functional.avg_pool2d(x ** 2, patch_size, stride=1, padding=pad, count_include_pad=False)
+    count = torch.nn.functional.avg_pool2d(torch.ones_like(x[:, :1]), patch_size, stride=1, padding=pad,
+                                           count_include_pad=True) * patch_size ** 2
+    var = ((mean_sq - mean ** 2) * count / (count - 1).clamp(min=1)).clamp(min=0)
+    return prediction.detach().float() * (var + 1e-6).sqrt() + mean
+
+
 def reconstruction_grid(images: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor, mean: list[float],
                         std: list[float]) -> torch.Tensor:
     """(3, rows*H, 3*W) grid: per row input | masked input | reconstruction, de-normalised to [0, 1].

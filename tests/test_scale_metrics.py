@@ -48,3 +48,13 @@ def test_reconstruction_grid_layout():
 
 def test_format_duration():
     assert format_duration(3723) == "1h02m03s" and format_duration(59) == "0m59s"
+
+
+def test_denormalize_inverts_target_normalisation():
+    from models.simmim import normalize_targets
+    from scale.metrics import denormalize_prediction
+
+    images = torch.randn(2, 3, 32, 32)
+    targets = normalize_targets(images, 15)
+    torch.testing.assert_close(denormalize_prediction(targets, images, 15), images, rtol=1e-4, atol=1e-4)
+    assert denormalize_prediction(targets, images, None) is targets
