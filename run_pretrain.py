@@ -21,9 +21,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what data.SimMIMTransform normalises with
 
 from scale.checkpoint import CheckpointManager
-from scale.config import ConfigError, check_model_name, load_config
+from scale.config import REPO_ROOT, ConfigError, check_data_path, check_model_name, load_config
 from scale.dist import init_distributed, map_launcher_env, rng_state, seed_everything, set_rng_state
-from scale.ds_config import fill_ds_config, load_ds_config, resolve_precision
+from scale.ds_config import fill_ds_config, load_ds_config, precision_of
 from scale.engine import NonFiniteGuard, NonFiniteLossError, build_engine
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.metrics import (MetricsProcessor, build_logger, denormalize_prediction, device_peak_flops,
@@ -33,7 +33,8 @@ from scale.metrics import (MetricsProcessor, build_logger, denormalize_predictio
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="SimMIM pretraining of SwinV2 with DeepSpeed",
                                 epilog="overrides: section.key=value words, e.g. train.max_steps=100")
-    p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed JSON (sharding, buckets)")
+    p.add_argument("--ds_config", default=str(REPO_ROOT / "ds_configs" / "zero3.json"),
+                   help="DeepSpeed JSON (sharding, buckets); default ds_configs/zero3.json")
     p.add_argument("--config", default=None, help="experiment YAML; omitted = the demo (configs/pretrain/demo.yaml)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK is used")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_model_name(cfg)
+        check_data_path(cfg)
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
         peak_lr = scale_lr(cfg.optim.lr, global_batch, cfg.optim.lr_batch_base)
         ds = fill_ds_config(load_ds_config(args.ds_config), cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr)
@@ -69,11 +71,11 @@ def main(argv=None) -> int:
     if args.config is None:
         log("no --config given: running the demo (configs/pretrain/demo.yaml: a small SwinV2 on generated "
             "demo shards); pass --config configs/pretrain/<size>.yaml for a real run")
-    _, notice = resolve_precision(cfg.train.precision, cuda)
-    if notice and ds["bf16"]["enabled"] is False:
-        log(notice)
+    if not cuda:  # say why the numbers differ from a GPU run
+        log("no GPU found: training in fp32 on CPU (bf16 is emulated and ~20x slower there)"
+            if precision_of(ds) == "fp32" else "bf16 on CPU: emulated here, ~20x slower than fp32")
     log(f"{info.world_size} rank(s) on {info.device.type}, ZeRO stage {ds['zero_optimization']['stage']}, "
-        f"{'bf16' if ds['bf16']['enabled'] else 'fp32'}, global batch {global_batch}, output {cfg.output_dir}")
+        f"{precision_of(ds)}, global batch {global_batch}, output {cfg.output_dir}")
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))  # the resolved config, to reproduce the run

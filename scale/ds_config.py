@@ -17,19 +17,11 @@ from scale.config import ConfigError, PretrainConfig
 AUTO = "auto"
 
 
-def resolve_precision(requested: str, cuda: bool) -> tuple[str, str | None]:
-    """Pick 'bf16' or 'fp32' for `train.precision`; also return a notice to log, if any.
-
-    bf16 on this kind of CPU is emulated (about 20x slower than fp32), so `auto` means fp32
-    there, and we say so because the numbers then differ from a GPU run.
-    """
+def resolve_precision(requested: str, cuda: bool) -> str:
+    """'bf16' or 'fp32' for `train.precision`: auto = bf16 on GPU, fp32 on CPU (bf16 is emulated, ~20x slower)."""
     if requested == "auto":
-        if cuda:
-            return "bf16", None
-        return "fp32", "no GPU found: training in fp32 on CPU (bf16 is emulated and ~20x slower there)"
-    if requested == "bf16" and not cuda:
-        return "bf16", "train.precision=bf16 on CPU: bf16 is emulated here and ~20x slower than fp32"
-    return requested, None
+        return "bf16" if cuda else "fp32"
+    return requested
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -86,7 +78,7 @@ def fill_ds_config(raw: dict[str, Any], cfg: PretrainConfig, *, world_size: int,
         raise ConfigError("gradient_clipping is not set: put a number in the ds_config or set optim.clip_grad "
                           "(DeepSpeed would otherwise clip at 1.0 without saying so)")
 
-    precision, _ = resolve_precision(t.precision, cuda)
+    precision = resolve_precision(t.precision, cuda)
     if ds.get("fp16", {}).get("enabled") is True:
         clashes.append("fp16.enabled=true: this trainer supports bf16 or fp32 only (fp16 needs loss scaling)")
     bf16 = ds.setdefault("bf16", {})

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scale.config import ConfigError, PretrainConfig, check_model_name, load_config
+from scale.config import ConfigError, PretrainConfig, check_data_path, check_model_name, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
@@ -89,3 +89,13 @@ def test_cli_config_error_fails_fast_in_one_line():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["config error: unknown config key train.max_stpes; valid keys here: micro_batch_size, "
                      "grad_accum_steps, epochs, max_steps, precision, max_nonfinite_in_row"]
+
+
+def test_model_shape_rules_are_checked_before_building(tmp_path):
+    with pytest.raises(ConfigError, match="^model: ") as e:
+        check_model_name(load_config(None, ["model.embed_dim=null", "model.num_heads=[5,6,12,24]"]))  # width 96 comes from the registry
+    assert "\n" not in str(e.value)
+    check_data_path(load_config(None, [f"data.path={tmp_path}"]))
+    check_data_path(load_config(None, ["data.path=pipe:cat x.tar"]))
+    with pytest.raises(ConfigError, match="data.path=/no/such/shards does not exist"):
+        check_data_path(load_config(None, ["data.path=/no/such/shards"]))
