@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -134,8 +135,6 @@ def bench_model(name: str, args, info) -> list[dict]:
     torch.manual_seed(0)
     cases = {"ours_deepspeed_zero3": OursDeepSpeed(name, args.img_size, args.window, args.batch, grad_ckpt, info,
                                                      args.ds_set)}
-    if device.type == "cuda":
-        cases["ours_deepspeed_zero3"].engine.dtype = torch.bfloat16
     ours_plain = models.build_simmim(name, **model_args(name, args.img_size, args.window))
     cases["ours_plain_torch"] = PlainLoop(ours_plain, device, bf16, grad_ckpt)
     cases["timm_plain_torch"] = PlainLoop(build_timm(name, args.img_size, args.window, device), device, bf16,
@@ -145,14 +144,19 @@ def bench_model(name: str, args, info) -> list[dict]:
     peak = device_peak_flops(device)
     times = {k: [] for k in cases}
     memory = {}
+    failed = {}
     for key, case in cases.items():  # warm-up: allocator, autotuning, first-step optimizer state
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.warmup):
-            case.step(batch)
-        sync(device)
+        try:
+            for _ in range(args.warmup):
+                case.step(batch)
+            sync(device)
+        except torch.OutOfMemoryError:
+            failed[key] = "out of memory"
+            torch.cuda.empty_cache()
     for _ in range(args.rounds):
         for key, case in cases.items():
+            if key in failed:
+                continue
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
@@ -163,6 +167,9 @@ def bench_model(name: str, args, info) -> list[dict]:
             times[key].append((time.perf_counter() - t0) / args.steps)
             if device.type == "cuda":
                 memory[key] = torch.cuda.max_memory_allocated(device) / 2**30
+    for key, why in failed.items():
+        print(json.dumps({"case": key, "model": name, "error": why}), flush=True)
+        del times[key]
     results = []
     for key, ts in times.items():
         step_s = statistics.median(ts)
@@ -186,8 +193,6 @@ def bench_model(name: str, args, info) -> list[dict]:
                "target_overhead_vs_timm": 1.15, "peak_rss_gib": round(
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     print(json.dumps(summary), flush=True)
-    for case in cases.values():  # free before the next model
-        del case
     return results
 
 
@@ -207,9 +212,17 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from scale.dist import init_distributed
 
+    if len(args.models) > 1:  # one process per model: DeepSpeed engines and the allocator start clean
+        for name in args.models:
+            argv = [a for a in sys.argv[1:]]
+            i = argv.index("--models")
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            subprocess.run([sys.executable, __file__, *argv[:i], "--models", name, *argv[j:]], check=False)
+        return
     info = init_distributed()  # one rank: a real (gloo/NCCL) process group of size 1
-    for name in args.models:
-        bench_model(name, args, info)
+    bench_model(args.models[0], args, info)
 
 
 if __name__ == "__main__":
