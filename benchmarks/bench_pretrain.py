@@ -201,7 +201,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["swinv2_tiny"])
     p.add_argument("--img-size", type=int, default=128)
     p.add_argument("--window", type=int, default=8)
-    p.add_argument("--batch", type=int, default=32, help="per step; overhead is per parameter, so tiny batches inflate it")
+    p.add_argument("--batch", type=int, default=32,
+                   help="per step; the trainer's overhead is per parameter, so tiny batches inflate the ratio")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

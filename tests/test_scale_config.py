@@ -93,7 +93,8 @@ def test_cli_config_error_fails_fast_in_one_line():
 
 def test_model_shape_rules_are_checked_before_building(tmp_path):
     with pytest.raises(ConfigError, match="^model: ") as e:
-        check_model_name(load_config(None, ["model.embed_dim=null", "model.num_heads=[5,6,12,24]"]))  # width 96 comes from the registry
+        # only the model knows the width (96, from the registry) that these heads must divide
+        check_model_name(load_config(None, ["model.embed_dim=null", "model.num_heads=[5,6,12,24]"]))
     assert "\n" not in str(e.value)
     check_data_path(load_config(None, [f"data.path={tmp_path}"]))
     check_data_path(load_config(None, ["data.path=pipe:cat x.tar"]))
