@@ -7,7 +7,9 @@ Prints one JSON object per case.
     python benchmarks/bench_models.py giant --device cuda   # SwinV2-G 1536x1536 batch 1 peak memory (GPU)
 
 On CPU everything runs in fp32; with --device cuda in bf16 (torch.autocast for both models).
-Each high-resolution run is a fresh subprocess so that its peak RSS is its own.
+Each high-resolution run is a fresh subprocess so that its peak RSS is its own; both
+implementations run under the host allocator policy the trainer uses
+(scale.host_memory.return_freed_host_memory).
 """
 import argparse
 import json
@@ -23,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_model, load_pretrained  # noqa: E402
+from scale.host_memory import return_freed_host_memory  # noqa: E402
 
 STEP_CASES = [
     dict(name="swinv2_tiny", img_size=256, window_size=8, batch=8),
@@ -79,6 +82,8 @@ def bench_step(device: str, repeats: int) -> None:
 
 def highres_child(impl: str, name: str, img_size: int, window_size: int, device: str) -> dict:
     """One fwd+bwd at high resolution with checkpointing; runs in its own process."""
+    # the trainer sets this allocator policy on the CPU; both implementations get it
+    return_freed_host_memory()
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
     if impl == "timm":

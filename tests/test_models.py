@@ -283,7 +283,8 @@ def test_normalized_targets_are_standardised_locally():
 
 @pytest.mark.parametrize("img_size, window_size, simmim", [(64, 4, False), (80, 6, False), (96, 8, True)])
 def test_analytic_flops_match_flop_counter(img_size, window_size, simmim):
-    arch = dict(img_size=img_size, window_size=window_size, **TINY)
+    # FlopCounterMode has no formula for torch's CPU flash-attention op, so count on the plain path
+    arch = dict(img_size=img_size, window_size=window_size, attn_backend="plain", **TINY)
     model = (build_simmim("swinv2_tiny", **{**arch, "num_classes": 0}) if simmim
              else build_model("swinv2_tiny", **arch)).eval()
     counter = FlopCounterMode(display=False)
