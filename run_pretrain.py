@@ -121,6 +121,9 @@ def main(argv=None) -> int:
         if client["schedule"] != schedule.state_dict():
             log(f"note: the LR schedule differs from the checkpoint's ({client['schedule']})")
         log(f"resumed from {resume_from[0]}/{resume_from[1]} at step {step}")
+        if step >= total_steps:
+            log(f"already at step {step} of {total_steps}: nothing to train (resume=none starts over, "
+                f"train.max_steps=N goes further)")
 
     def save_checkpoint() -> None:
         ckpt.save(engine.engine, step,
