@@ -5,6 +5,7 @@ Four launches, shared by the tests below (module fixture): the demo config shrun
 checkpoint removed, continued with `resume=auto` from step 3.
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,15 @@ def test_tensorboard_has_scalars_and_reconstruction_image(runs):
     assert "simmim/input_masked_reconstruction" in tags["images"]
     image = acc.Images("simmim/input_masked_reconstruction")[-1]
     assert image.step == STEPS and image.width == 3 * 32 and image.height == 4 * 32  # 4 rows: input|masked|recon
+
+
+def test_nonfinite_losses_stop_the_run_naming_the_checkpoint(tmp_path):
+    """An absurd LR makes the loss non-finite after step 1: skipped steps are counted, then the run stops."""
+    proc = subprocess.run([sys.executable, "run_pretrain.py", "model.img_size=32", "train.micro_batch_size=8",
+                           "data.num_workers=0", "optim.lr=1e35", "schedule.warmup_epochs=0", "train.max_steps=12",
+                           "checkpoint.every_steps=1", "train.max_nonfinite_in_row=3", f"output_dir={tmp_path}",
+                           "resume=none"], cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 non-finite losses in a row" in proc.stdout
+    assert f"the last good checkpoint is {tmp_path}/checkpoints/step_00000001" in proc.stdout
