@@ -45,8 +45,10 @@ def _export(out, dest) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
-    # ZeRO-1 also covers gradient accumulation: 2 micro-batches of 4 = the same 8 images per rank and step
-    stdout = {1: _launch("zero1", root / "z1", "resume=none", "train.micro_batch_size=4", "train.grad_accum_steps=2")}
+    # ZeRO-1 also covers gradient accumulation (2 micro-batches of 4 = the same 8 images per rank and step)
+    # and activation checkpointing
+    stdout = {1: _launch("zero1", root / "z1", "resume=none", "train.micro_batch_size=4", "train.grad_accum_steps=2",
+                         "model.grad_checkpointing=true")}
     stdout.update({stage: _launch(f"zero{stage}", root / f"z{stage}", "resume=none") for stage in (2, 3)})
     # an interrupted run: the ZeRO-3 run as it was after its step-3 checkpoint
     resumed = root / "z3_resumed"
