@@ -72,13 +72,16 @@ class SimMIM(nn.Module):
         return self.decoder(tokens.permute(0, 3, 1, 2))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Scalar L1 loss over masked pixels, divided by (masked pixels * channels)."""
-        prediction = self.reconstruct(images, mask)
-        targets = images if self.norm_target_patch_size is None else normalize_targets(
-            images, self.norm_target_patch_size)
+        """Scalar L1 loss over masked pixels, divided by (masked pixels * channels), computed in fp32."""
+        prediction = self.reconstruct(images, mask).float()
+        # targets in fp32 even in bf16 training: the local variance is a difference of two close
+        # means, which bf16 cancels to noise on flat regions
+        targets = images.float()
+        if self.norm_target_patch_size is not None:
+            targets = normalize_targets(targets, self.norm_target_patch_size)
         pixel_mask = mask.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
-        pixel_mask = pixel_mask.unsqueeze(1).to(prediction.dtype)  # B, 1, H, W
-        loss = F.l1_loss(targets.to(prediction.dtype), prediction, reduction="none")
+        pixel_mask = pixel_mask.unsqueeze(1).float()  # B, 1, H, W
+        loss = F.l1_loss(targets, prediction, reduction="none")
         return (loss * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / self.in_chans
 
     def set_grad_checkpointing(self, enable: bool = True, offload_to_cpu: bool = False) -> None:

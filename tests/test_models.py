@@ -300,3 +300,15 @@ def test_flops_of_published_sizes_are_plausible():
     giant = build_model("swinv2_giant", device="meta")
     assert estimate_flops(giant, 1536) > 60 * estimate_flops(giant, 192)
 
+
+
+def test_simmim_loss_is_computed_in_fp32_under_bf16():
+    torch.manual_seed(0)
+    simmim = build_simmim("swinv2_tiny", norm_target_patch_size=15, img_size=64, window_size=4,
+                          **{**TINY, "num_classes": 0})
+    images = torch.rand(2, 3, 64, 64) * 0.01 + 0.5  # flat: bf16 variance would cancel to noise
+    mask = (torch.rand(2, 16, 16) > 0.4).float()
+    loss_fp32 = simmim(images, mask)
+    loss_bf16 = simmim.to(torch.bfloat16)(images.to(torch.bfloat16), mask.to(torch.bfloat16))
+    assert loss_bf16.dtype == torch.float32
+    assert loss_bf16.item() == pytest.approx(loss_fp32.item(), rel=0.05)
