@@ -30,10 +30,11 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
     "label": (B,) long (-1 without .cls), "__key__": list[str]}, then advances the epoch.
     `len(loader)`: batches per epoch on this rank, identical on every rank. `set_epoch(e)`
     (no-op for the current epoch, so it keeps a restored position), `forever()` (endless
-    iterator over epochs), `state_dict()` / `load_state_dict(state)` (exact resume; state is per
-    rank, num_workers may change), `corrupt_counts() -> dict[str, int]` (skips per reason on this
-    rank; reasons in `data.shards.REASONS`), `padded` (samples repeated to keep batch counts equal),
-    `num_samples`.
+    iterator over epochs), `state_dict()` / `load_state_dict(state)` (exact resume, augmentations
+    and masks included: each sample's transform is seeded from (seed, epoch, rank, its place in the
+    epoch plan); state is per rank, num_workers may change; the caller's global RNGs are untouched),
+    `corrupt_counts() -> dict[str, int]` (skips per reason on this rank; reasons in
+    `data.shards.REASONS`), `padded` (samples repeated to keep batch counts equal), `num_samples`.
 
 CLIs: `python -m data.write_shards SRC OUT [--shard-size N] [--workers W] [--val-fraction F]` and
 `python -m data.check_shards PATH` (prints {"shards", "samples", "skipped", "errors"}).

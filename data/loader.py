@@ -15,7 +15,10 @@ How an epoch is planned (all ranks compute the same plan from the shard counts, 
 Exact resume: the loader counts, per piece, how many of its outputs went into delivered batches.
 Batches arrive in order and each piece's order is fixed, so that count is a prefix; a restored
 loader skips those prefixes (reading but not decoding them) and yields exactly the rest of the
-epoch, whatever the new number of workers. Samples that fail to decode are skipped and counted; if
+epoch, whatever the new number of workers. Augmentations resume too: every sample's transform runs
+with the global torch/numpy/`random` RNGs seeded from (seed, epoch, rank, piece, position in piece),
+so a sample gets the same crop, flip and mask however many workers read it and whether or not the
+samples before it were decoded. Samples that fail to decode are skipped and counted; if
 that leaves a rank short, its last batches are topped up with samples it already yielded this
 epoch (counted in `padded`), so batch counts stay equal.
 """
@@ -66,6 +69,31 @@ def plan_epoch(counts: list[int], epoch: int, seed: int, rank: int, world_size: 
     return pieces
 
 
+def _sample_seed(seeds: tuple[int, int, int], piece: int, pos: int) -> int:
+    """64-bit seed of one sample's augmentations, from (seed, epoch, rank), its piece and its position there."""
+    return int.from_bytes(hashlib.blake2b(f"{seeds}-{piece}-{pos}".encode(), digest_size=8).digest(), "little")
+
+
+def _seed_rngs(seed: int) -> None:
+    """Seed torch's CPU, numpy's and `random`'s global RNGs, the ones transforms draw from."""
+    # Only the CPU generator: torch.manual_seed would also reseed the trainer's CUDA RNGs.
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFF_FFFF)  # numpy's legacy global RNG takes 32-bit seeds
+
+
+def _rng_state() -> tuple:
+    """The global RNG states `_seed_rngs` overwrites."""
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def _set_rng_state(state: tuple) -> None:
+    """Restore states taken by `_rng_state`."""
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    np.random.set_state(state[2])
+
+
 def _collate(samples: list[dict]) -> dict:
     out = {}
     for k in samples[0]:
@@ -114,17 +142,27 @@ class _EpochStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        phys, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            yield from self._chunks(info.id, info.num_workers)
+            return
+        # Main process (num_workers=0): the global RNGs belong to the training loop, so hand them
+        # back at every yield. Per chunk, not per sample: numpy's get/set_state costs ~0.1 ms.
+        chunks = self._chunks(0, 1)
+        while True:
+            saved = _rng_state()
+            try:
+                out = next(chunks, None)
+            finally:
+                _set_rng_state(saved)
+            if out is None:
+                return
+            yield out
+
+    def _chunks(self, phys: int, nw: int) -> Iterator[dict]:
+        """Chunks read by physical worker `phys` of `nw`."""
         # Logical worker ids rotate so that after a resume DataLoader's worker 0 continues the
         # round-robin where the interrupted run stopped.
         wid = (phys + self.offset) % nw
-        if info is not None:
-            # Augmentations repeat with the seed; in the main process (num_workers=0) leave the
-            # trainer's RNG alone.
-            s = int(hashlib.sha256(f"{self.seeds}-{wid}-{nw}".encode()).hexdigest()[:8], 16)
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s)
         corrupt: Counter = Counter()
         warn = WarningLimiter(log)
         replay, phase = self.replay.get(wid, (0, 0))
@@ -160,6 +198,9 @@ class _EpochStream(IterableDataset):
             if img is None:
                 on_error(reason, f"{self.urls[self.pieces[p][0]]} key {key}")
                 continue
+            # Seeded per sample, not per worker: samples skipped on resume draw nothing, and a worker's
+            # RNG stream would otherwise depend on which samples it happened to decode before.
+            _seed_rngs(_sample_seed(self.seeds, p, pos))
             out = self.transform(img)
             out = dict(out) if isinstance(out, dict) else {"image": out}
             out.update(label=label, __key__=key)
@@ -207,7 +248,7 @@ class ShardLoader:
         batch_size: samples per batch on this rank.
         rank, world_size: this process's place among the data-parallel ranks.
         num_workers: DataLoader worker processes (0 = read in the main process).
-        seed: seeds shard order, per-piece shuffles and worker augmentation RNGs.
+        seed: seeds shard order, per-piece shuffles and per-sample augmentation RNGs.
         resampled: draw shards with replacement per rank (independent ranks, no once-per-epoch
             guarantee; every epoch is a fresh draw, so it never runs dry).
         split: which split of a folder's `index.json` to read.
@@ -336,8 +377,12 @@ class ShardLoader:
                             "world_size x num_workers shards", self.rank, len(pieces), self._nw)
             stream = self._stream(pieces, dict(self._base), {w: tuple(v) for w, v in self._workers.items()},
                                   self._next_worker)
+            # A private generator: DataLoader draws its worker base seed from it on every iter(), which
+            # would otherwise advance the trainer's torch RNG at different steps in a resumed run. The
+            # base seed itself matters to nothing: transforms are reseeded per sample.
             dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
-                            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+                            generator=torch.Generator())
             pending: deque = deque()
             have, last = 0, None
             it = iter(dl)
