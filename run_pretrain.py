@@ -25,6 +25,7 @@ from scale.config import REPO_ROOT, ConfigError, check_data_path, check_model_na
 from scale.dist import init_distributed, map_launcher_env, rng_state, seed_everything, set_rng_state
 from scale.ds_config import fill_ds_config, load_ds_config, precision_of
 from scale.engine import NonFiniteGuard, NonFiniteLossError, build_engine
+from scale.host_memory import return_freed_host_memory
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.metrics import (MetricsProcessor, build_logger, denormalize_prediction, device_peak_flops,
                            reconstruction_grid)
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     map_launcher_env()  # RANK/WORLD_SIZE from the launcher, SLURM, or a one-process default
     world_size, is_rank0 = int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0"
     cuda = torch.cuda.is_available()
+    if not cuda:  # activations live in host memory: keep its footprint to the live tensors
+        return_freed_host_memory()
 
     # -------------------------------------------------------------------- config: fail fast, in one line
     try:
