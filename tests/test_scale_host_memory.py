@@ -31,6 +31,6 @@ def freed_mb(policy: str) -> float:
 
 
 def test_freed_tensors_leave_resident_memory():
-    # glibc's defaults keep the freed 2 MiB tensors, pinned in the heap by the small survivors
-    assert freed_mb("off") < 100
-    assert freed_mb("on") > 250  # the policy gives the last step's 300 MiB back
+    # all of the last step's 300 MiB goes back; with glibc's defaults anywhere from 0 to ~260 MiB
+    # does, depending on where the small survivors land in the heap
+    assert freed_mb("on") >= 295
