@@ -41,6 +41,8 @@ SEQUENTIAL_CHUNK_ELEMENTS = 2 ** 24
 AUTO_SEQUENTIAL_ELEMENTS = {"attention": 2 ** 31, "mlp": 2 ** 25}
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 CPU_FLASH_MIN_TOKENS = 128  # window tokens from which the CPU flash kernel beats matmul + softmax
+# A per-window mask (num_windows, N, N) is kept for the small-window CPU path up to this size (16 MiB).
+DENSE_MASK_ELEMENTS = 2 ** 22
 
 IntOrPair = Union[int, tuple[int, int]]
 
@@ -307,11 +309,24 @@ class WindowAttention(nn.Module):
         chunk = self.chunk_windows or max(1, SEQUENTIAL_CHUNK_ELEMENTS // scores_per_window)
         return run_in_chunks(self._attend_chunk, windows, chunk, mask, False)
 
+    def forward_dense(self, x: torch.Tensor, window_masks: torch.Tensor) -> torch.Tensor:
+        """Attend within all windows in one call, with one additive mask per window.
+
+        For small windows on the CPU: cheaper than sorting windows into mask groups.
+
+        Args:
+            x: (B, num_windows, N, C) windows in grid order.
+            window_masks: (num_windows, N, N) shift/padding masks.
+        """
+        mask = self.position_bias() + window_masks.unsqueeze(1).to(self.q_bias.dtype)  # nW, heads, N, N
+        return self._attend_chunk(x, mask, True)
+
     def _attend_chunk(self, windows: torch.Tensor, mask: torch.Tensor, plain: bool) -> torch.Tensor:
-        W, N, C = windows.shape
+        """(..., N, C) windows and a mask broadcastable to (..., heads, N, N) -> (..., N, C)."""
+        *lead, N, C = windows.shape
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(windows, self.qkv.weight, qkv_bias)
-        q, k, v = qkv.view(W, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # W, heads, N, d
+        q, k, v = qkv.view(*lead, N, 3, self.num_heads, -1).movedim(-3, 0).transpose(-3, -2).unbind(0)
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
         if plain:
             attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * logit_scale
@@ -320,7 +335,7 @@ class WindowAttention(nn.Module):
             # cosine attention as dot-product attention: fold the per-head scale into q
             q = F.normalize(q, dim=-1) * logit_scale
             out = dot_product_attention(q, F.normalize(k, dim=-1), v, mask)
-        return self.proj(out.transpose(1, 2).reshape(W, N, C))
+        return self.proj(out.transpose(-3, -2).reshape(*lead, N, C))
 
 
 class SwinTransformerV2Block(nn.Module):
@@ -366,6 +381,20 @@ class SwinTransformerV2Block(nn.Module):
         self.register_buffer("window_restore", torch.argsort(order).to(device), persistent=False)
         self.register_buffer("mask_patterns", patterns.to(device), persistent=False)
         self.sorted_windows = not torch.equal(order, torch.arange(len(order)))
+        window_masks = None
+        if self.sorted_windows and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
+            window_masks = torch.zeros(len(order), *patterns.shape[1:])
+            for start, end, pattern in self.mask_groups:
+                if pattern >= 0:
+                    window_masks[order[start:end]] = patterns[pattern]
+            window_masks = window_masks.to(device)
+        self.register_buffer("window_masks", window_masks, persistent=False)
+
+    def _dense_masks(self, x: torch.Tensor) -> bool:
+        # small CPU windows: one matmul + softmax call over all windows (timm's way) beats sorting
+        # windows into mask groups; large windows and GPUs keep the groups and their fused kernels
+        return (self.window_masks is not None and x.device.type == "cpu" and self.attn.backend != "sequential"
+                and self.window[0] * self.window[1] < CPU_FLASH_MIN_TOKENS)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -375,11 +404,13 @@ class SwinTransformerV2Block(nn.Module):
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = window_partition(x, self.window)
-        if self.sorted_windows:
-            windows = windows[:, self.window_order]
-        windows = self.attn(windows, self.mask_groups, self.mask_patterns)
-        if self.sorted_windows:
+        if self._dense_masks(x):
+            windows = self.attn.forward_dense(windows, self.window_masks)
+        elif self.sorted_windows:
+            windows = self.attn(windows[:, self.window_order], self.mask_groups, self.mask_patterns)
             windows = windows[:, self.window_restore]
+        else:
+            windows = self.attn(windows, self.mask_groups, self.mask_patterns)
         x = window_reverse(windows, self.window, self.padded)
         if any(self.shift):
             x = torch.roll(x, shifts=self.shift, dims=(1, 2))

@@ -103,7 +103,7 @@ def reference_window_attention(block: SwinTransformerV2Block, x: torch.Tensor) -
     return attn.proj(out)
 
 
-@pytest.mark.parametrize("resolution, window", [((8, 8), 4), ((10, 10), 4), ((9, 7), 4), ((6, 11), 3)])
+@pytest.mark.parametrize("resolution, window", [((8, 8), 4), ((10, 10), 4), ((9, 7), 4), ((6, 11), 3), ((26, 20), 12)])
 @pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("backend", ["fused", "sequential", "plain"])
 def test_window_attention_with_padding_matches_definition(resolution, window, shifted, backend):
@@ -130,6 +130,22 @@ def test_attention_backends_agree_in_forward_and_backward_on_a_padded_model(monk
     for backend in ("sequential", "plain"):
         for g_fused, g_other in zip(results["fused"], results[backend]):
             torch.testing.assert_close(g_other, g_fused, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_flash_attention_gradients_match_autograd(monkeypatch):
+    from models.swin_transformer_v2 import CPUFlashAttentionWithBias
+    monkeypatch.setattr("models.swin_transformer_v2.SEQUENTIAL_CHUNK_ELEMENTS", 3 * 144 * 144 * 2)  # 2 windows
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(5, 3, 144, 16, requires_grad=True) for _ in range(3))
+    bias = (torch.randn(1, 3, 144, 144) * 4).requires_grad_()
+    grad_out = torch.randn(5, 3, 144, 16)
+    CPUFlashAttentionWithBias.apply(q, k, v, bias).backward(grad_out)
+    ours = [t.grad.clone() for t in (q, k, v, bias)]
+    for t in (q, k, v, bias):
+        t.grad = None
+    (torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v).backward(grad_out)
+    for mine, reference in zip(ours, (q.grad, k.grad, v.grad, bias.grad)):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=1e-4)
 
 
 def test_grad_checkpointing_and_offload_give_the_same_gradients():
