@@ -383,11 +383,12 @@ class SwinTransformerV2Block(nn.Module):
         self.sorted_windows = not torch.equal(order, torch.arange(len(order)))
         window_masks = None
         if self.sorted_windows and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
-            window_masks = torch.zeros(len(order), *patterns.shape[1:])
+            # integer indexing, no float constructor: under bf16 zero.Init those would come out bf16
+            pattern_of_window = torch.full((len(order),), -1, dtype=torch.long)
             for start, end, pattern in self.mask_groups:
-                if pattern >= 0:
-                    window_masks[order[start:end]] = patterns[pattern]
-            window_masks = window_masks.to(device)
+                pattern_of_window[order[start:end]] = pattern
+            window_masks = torch.where((pattern_of_window >= 0)[:, None, None],
+                                       patterns[pattern_of_window.clamp(min=0)], 0.0).to(device)
         self.register_buffer("window_masks", window_masks, persistent=False)
 
     def _dense_masks(self, x: torch.Tensor) -> bool:
