@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # what data.SimMIMTransform normalises with
 
 from scale.checkpoint import CheckpointManager
 from scale.config import REPO_ROOT, ConfigError, check_data_path, check_model_name, load_config
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
                                  batch_base=cfg.optim.lr_batch_base, total_steps=total_steps, epochs=cfg.train.epochs)
 
     # -------------------------------------------------------------------- model, optimizer, engine
-    engine, model = build_engine(cfg, ds, info)
+    engine, model = build_engine(cfg, ds, info, mean=transform.mean, std=transform.std)  # normalises on the device
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     flops_per_image = models.estimate_flops(model, cfg.model.img_size)
     log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {flops_per_image / 1e9:.2f} GFLOPs/image fwd, "
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
     def log_reconstruction(batch) -> None:
         images, mask, prediction = engine.reconstruct(batch, cfg.log.num_images)  # collective under ZeRO-3
         prediction = denormalize_prediction(prediction, images, cfg.model.norm_target_patch_size)
-        grid = reconstruction_grid(images, mask, prediction, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        grid = reconstruction_grid(images, mask, prediction, transform.mean, transform.std)
         logger.image(step, "simmim/input_masked_reconstruction", grid)
 
     # -------------------------------------------------------------------- train

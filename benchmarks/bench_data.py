@@ -7,10 +7,11 @@ as shards with data.write_shards, then prints one JSON object per case:
 
 - raw_pil: Image.open + decode + RandomResizedCrop on in-memory bytes, one process, no framework.
   This is the limit the loader is compared with (per worker = per core).
-- raw_pil_simmim: the whole SimMIMTransform (crop, flip, to-tensor, normalise, mask) without a loader.
+- raw_pil_simmim: the whole SimMIMTransform (crop, flip, to uint8 tensor, mask) without a loader; the
+  trainer normalises on the device (data.normalize_images), so that cost is not the loader's.
 - raw_torchvision_decode_jpeg / raw_pil_draft: faster-decoder alternatives for the same crop, to see
   whether another decoder would move the limit (draft decodes at 1/2 scale: lower quality).
-- loader_wN: ShardLoader(SimMIMTransform) with N workers: samples/s in steady state (time to the
+- loader_wN: ShardLoader(SimMIMTransform) with N workers, uint8 batches: samples/s in steady state (time to the
   first batch excluded and reported separately), per worker, and the ratio to N x raw_pil and to
   N x raw_pil_simmim (the same per-sample work without the loader).
 

@@ -11,9 +11,13 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
     `splits` -> {split: {"samples": n, "shards": [{"name", "samples", "bytes"}]}}.
 - `SimMIMTransform(img_size, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6, scale=(0.67, 1),
   ratio=(3/4, 4/3), hflip=0.5, mean, std, interpolation)`
-    PIL image -> {"image": (3, H, W) float, "mask": (H/model_patch, W/model_patch) uint8, 1 = masked}.
-    img_size must be a multiple of mask_patch_size; otherwise the constructor raises a one-line
-    ValueError naming the nearest sizes that work.
+    PIL image -> {"image": (3, H, W) uint8, "mask": (H/model_patch, W/model_patch) uint8, 1 = masked}.
+    Cropped and flipped, not normalised; `transform.mean` / `transform.std` (0-1 scale) are what
+    `normalize_images` needs. img_size must be a multiple of mask_patch_size; otherwise the
+    constructor raises a one-line ValueError naming the nearest sizes that work.
+- `normalize_images(images, mean, std, dtype=torch.float32) -> Tensor`
+    uint8 (..., 3, H, W) -> `(images - mean*255) / (std*255)` in `dtype`, on the images' device
+    (the trainer runs it after the host-to-device copy); equal to ToTensor + Normalize.
 - `build_finetune_transform(img_size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, ...)`,
   `build_eval_transform(img_size, crop_pct=0.875, ...)`
     timm `create_transform` for training (RandAugment, random erasing) and eval (resize + center crop).
@@ -26,8 +30,8 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
   prefetch_factor=2, pin_memory=False, max_pixels=PIL's limit)`
     `urls`: folder (its `index.json` split, else `{split}-*.tar`, else `*.tar`), brace pattern, list
     file, `pipe:` command, or a list of those. Iterating yields the rest of the current epoch as
-    dicts {"image": (B, 3, H, W) float, "mask": (B, h, w) if the transform makes one,
-    "label": (B,) long (-1 without .cls), "__key__": list[str]}, then advances the epoch.
+    dicts {"image": (B, 3, H, W) in the transform's dtype (uint8 for SimMIMTransform),
+    "mask": (B, h, w) if the transform makes one, "label": (B,) long (-1 without .cls), "__key__": list[str]}, then advances the epoch.
     `len(loader)`: batches per epoch on this rank, identical on every rank. `set_epoch(e)`
     (no-op for the current epoch, so it keeps a restored position), `forever()` (endless
     iterator over epochs), `state_dict()` / `load_state_dict(state)` (exact resume, augmentations
@@ -46,7 +50,7 @@ import importlib
 _EXPORTS = {"demo_shards": "demo", "read_index": "index", "ShardLoader": "loader", "REASONS": "shards",
             "MaskGenerator": "transforms", "SimMIMTransform": "transforms",
             "build_eval_transform": "transforms", "build_finetune_transform": "transforms",
-            "build_mixup": "transforms"}
+            "build_mixup": "transforms", "normalize_images": "transforms"}
 __all__ = list(_EXPORTS)
 
 

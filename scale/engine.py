@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+import data
 from scale.config import PretrainConfig
 from scale.dist import DistInfo
 from scale.ds_config import precision_of, zero_stage
@@ -70,10 +72,14 @@ class StepResult:
 class PretrainEngine:
     """A thin layer over `deepspeed.DeepSpeedEngine` with the trainer's step semantics."""
 
-    def __init__(self, engine: Any, info: DistInfo, precision: str) -> None:
+    def __init__(self, engine: Any, info: DistInfo, precision: str,
+                 mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> None:
         self.engine = engine
         self.info = info
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        # uint8 batches (data.SimMIMTransform) are normalised here; kept on the device so no step copies them
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=info.device)
+        self.std = torch.tensor(std, dtype=torch.float32, device=info.device)
         self.zero3 = engine.zero_optimization_stage() == 3
         self.overflow_skips = 0
 
@@ -83,8 +89,12 @@ class PretrainEngine:
         return self.engine.optimizer.param_groups
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(self.info.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            # normalised in float32 and then cast: the values the float loader path used to produce
+            images = data.normalize_images(images, self.mean, self.std)
         # DeepSpeed casts module weights to bf16 but not inputs, so cast images here
-        images = batch["image"].to(self.info.device, dtype=self.dtype, non_blocking=True)
+        images = images.to(self.dtype)
         mask = batch["mask"].to(self.info.device, non_blocking=True)
         return images, mask
 
@@ -146,11 +156,16 @@ class PretrainEngine:
         return images, mask, prediction
 
 
-def build_engine(cfg: PretrainConfig, ds: dict[str, Any], info: DistInfo) -> tuple[PretrainEngine, nn.Module]:
-    """Build model and DeepSpeed engine from a filled ds_config. Returns (engine wrapper, model)."""
+def build_engine(cfg: PretrainConfig, ds: dict[str, Any], info: DistInfo,
+                 mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> tuple[PretrainEngine, nn.Module]:
+    """Build model and DeepSpeed engine from a filled ds_config. Returns (engine wrapper, model).
+
+    `mean` / `std` normalise uint8 batches on the device (pass the SimMIMTransform's).
+    """
     import deepspeed
 
     model = build_simmim(cfg, ds)
     groups = build_param_groups(model, cfg.optim.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
-    return PretrainEngine(engine, info, precision_of(ds)), model
+    return PretrainEngine(engine, info, precision_of(ds), mean, std), model

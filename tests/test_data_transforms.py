@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import MaskGenerator, SimMIMTransform, build_eval_transform, build_finetune_transform, build_mixup
+from data import (MaskGenerator, SimMIMTransform, build_eval_transform, build_finetune_transform, build_mixup,
+                  normalize_images)
 
 
 def _img(w: int = 150, h: int = 110) -> Image.Image:
@@ -19,7 +20,7 @@ def test_simmim_mask_geometry_and_ratio(img_size, mask_patch, model_patch, ratio
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     t = SimMIMTransform(img_size, mask_patch_size=mask_patch, model_patch_size=model_patch, mask_ratio=ratio)
     out = t(_img())
-    assert out["image"].shape == (3, h, w) and out["image"].dtype == torch.float32
+    assert out["image"].shape == (3, h, w) and out["image"].dtype == torch.uint8
     mask = out["mask"]
     assert mask.shape == (h // model_patch, w // model_patch)
     s = mask_patch // model_patch
@@ -61,11 +62,24 @@ def test_mixup_soft_targets():
     assert torch.allclose(t0.argmax(1), y) and torch.allclose(t0.max(1).values, torch.full((4,), 0.92))
 
 
-def test_fused_normalisation_matches_torchvision():
+def test_device_normalisation_matches_torchvision():
     from torchvision import transforms as T
 
-    from data.transforms import ToNormalizedTensor
-    img = _img(37, 23)
-    ref = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(T.ToTensor()(img))
-    assert torch.allclose(ToNormalizedTensor()(img), ref, atol=1e-5)
-    assert torch.allclose(ToNormalizedTensor()(img.convert("L")), ToNormalizedTensor()(img.convert("L").convert("RGB")))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img_size = 64
+    t = SimMIMTransform(img_size, mean=mean, std=std)
+    assert (t.mean, t.std) == (mean, std)
+    # The same seed draws the same crop box and flip in both pipelines.
+    torch.manual_seed(7)
+    out = t(_img(150, 110))["image"]
+    torch.manual_seed(7)
+    crop = T.Compose([T.RandomResizedCrop(img_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)), T.RandomHorizontalFlip()])
+    ref = T.Normalize(mean, std)(T.ToTensor()(crop(_img(150, 110))))
+    got = normalize_images(out, t.mean, t.std)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-6
+    batch = normalize_images(torch.stack([out, out]), torch.tensor(mean), torch.tensor(std))
+    assert batch.shape == (2, *ref.shape) and torch.equal(batch[0], got)
+    grey = _img(37, 23).convert("L")
+    assert torch.equal(SimMIMTransform(32, mask_patch_size=16).image_transform.transforms[-1](grey),
+                      T.PILToTensor()(grey.convert("RGB")))
