@@ -149,25 +149,3 @@ def test_engine_zero3_two_ranks_and_export(tmp_path):
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[-2] == "worker":
     worker(sys.argv[-1])
 
-
-def test_inputs_normalise_uint8_on_the_device_and_pass_float_through():
-    from types import SimpleNamespace
-
-    from data import normalize_images
-    from scale.engine import PretrainEngine
-
-    class _Stub:
-        def zero_optimization_stage(self) -> int:
-            return 0
-
-    info = SimpleNamespace(device=torch.device("cpu"), world_size=1, rank=0)
-    engine = PretrainEngine(_Stub(), info, "bf16")
-    raw = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    mask = torch.zeros(2, 2, 2, dtype=torch.uint8)
-    images, _ = engine._inputs({"image": raw, "mask": mask})
-    # bf16 of the float32 ImageNet-normalised values, as when the loader normalised in float32
-    want = normalize_images(raw, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).to(torch.bfloat16)
-    assert images.dtype == torch.bfloat16 and torch.equal(images, want)
-    floats = torch.randn(2, 3, 8, 8)
-    images, _ = engine._inputs({"image": floats, "mask": mask})
-    assert torch.equal(images, floats.to(torch.bfloat16))
