@@ -3,6 +3,7 @@
 Every distributed test goes through here so that each job gets a free master port,
 one OpenMP thread per rank (2 ranks share 2 cores) and the CPU accelerator.
 """
+import glob
 import os
 import socket
 import subprocess
@@ -23,8 +24,9 @@ def run_deepspeed(script: str, *args: str, num_procs: int = 2, timeout: float = 
                   env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus N script args` and fail the test with its output if it fails."""
     launcher = Path(sys.executable).parent / "deepspeed"
+    port = free_port()
     cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(num_procs),
-           "--master_port", str(free_port()), script, *args]
+           "--master_port", str(port), script, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                 "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=full_env, capture_output=True, text=True,
@@ -32,4 +34,6 @@ def run_deepspeed(script: str, *args: str, num_procs: int = 2, timeout: float = 
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n"
                              f"{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not leaked, f"the job left DeepSpeed's shared all-reduce workspaces behind: {leaked}"
     return proc

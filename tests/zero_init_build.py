@@ -9,6 +9,7 @@ import deepspeed
 import torch
 
 from models import build_simmim
+from scale.dist import init_distributed
 
 ARCH = dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 4, 8),
             drop_path_rate=0.0)
@@ -23,8 +24,7 @@ def build(seed: int, zero_config: dict | None):
 
 
 def main() -> None:
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
+    rank = init_distributed().rank
     base_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     reference = build(0, None).eval()
     partitioned = build(0, base_config).eval()
