@@ -94,17 +94,33 @@ def _set_rng_state(state: tuple) -> None:
     np.random.set_state(state[2])
 
 
+def _stack(vals: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, except that (C, H, W) images with channels-last strides stay channels-last."""
+    v = vals[0]
+    if v.dim() == 3 and v.permute(1, 2, 0).is_contiguous():
+        # Stacked as (H, W, C), a plain copy per image, and viewed as (B, C, H, W) with channels-last
+        # strides. torch.stack would give a CHW batch, transposing every image: ~30x slower for uint8
+        # (170 vs 6 us per 192 px image, ~7% of a whole sample).
+        return torch.stack([x.permute(1, 2, 0) for x in vals]).permute(0, 3, 1, 2)
+    return torch.stack(vals)
+
+
 def _collate(samples: list[dict]) -> dict:
     out = {}
     for k in samples[0]:
         vals = [s[k] for s in samples]
         if isinstance(vals[0], torch.Tensor):
-            out[k] = torch.stack(vals)
+            out[k] = _stack(vals)
         elif isinstance(vals[0], int):
             out[k] = torch.tensor(vals, dtype=torch.long)
         else:
             out[k] = vals
     return out
+
+
+def _as_is(chunk: dict) -> dict:
+    """DataLoader collate_fn: chunks are collated already (its default would walk every key list)."""
+    return chunk
 
 
 class _EpochStream(IterableDataset):
@@ -382,7 +398,7 @@ class ShardLoader:
             # base seed itself matters to nothing: transforms are reseeded per sample.
             dl = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=False,
                             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-                            generator=torch.Generator())
+                            generator=torch.Generator(), collate_fn=_as_is)
             pending: deque = deque()
             have, last = 0, None
             it = iter(dl)

@@ -1,16 +1,18 @@
 """Image transforms: SimMIM pretraining (crop + token mask), fine-tuning (timm RandAugment), eval, mixup.
 
-Augmentations come from torchvision and timm; only the SimMIM mask generator is our own, because
-neither library has it. The SimMIM recipe (Xie et al., arXiv:2111.09886; Microsoft's SimMIM code):
+Augmentations come from torchvision and timm. Ours: the SimMIM mask generator, which neither library
+has, and the SimMIM crop, whose box and flip torchvision draws but whose resize torch does faster. The SimMIM recipe (Xie et al., arXiv:2111.09886; Microsoft's SimMIM code):
 RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3), horizontal flip, ImageNet normalisation, and a
 random 60% of 32x32 mask patches, expressed at the model's 4x4 patch granularity. The normalisation
 runs on the device (`normalize_images`), so loader workers produce and ship uint8 images.
 """
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torchvision import transforms as T
@@ -20,19 +22,47 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-class ToUint8Tensor:
-    """PIL image -> (3, H, W) uint8 tensor; normalisation is left to `normalize_images` on the device.
+class RandomResizedCropFlipUint8:
+    """PIL image -> (3, H, W) uint8 tensor: torchvision's RandomResizedCrop box and flip, resized by torch.
 
-    Widening to float in the loader worker cost about a fifth of a sample and made every batch 4x
-    larger to pass between processes; uint8 crosses cheaply and one op on the device normalises it.
+    The crop box and the flip are drawn exactly as `T.RandomResizedCrop` + `T.RandomHorizontalFlip`
+    draw them (same calls on torch's global RNG, so the same seed gives the same box and flip). Ours
+    because of the resize: torch's vectorised uint8 antialiased interpolate, fed a view of the decoded
+    pixels, makes this ~1.5x faster than torchvision's PIL path plus a uint8 conversion (no PIL crop
+    image, no separate HWC -> CHW copy). Pixels match PIL's filter of the same box within rounding
+    (mean absolute difference ~0.015 levels; a few pixels per image differ by more, up to ~25).
+
+    The result has channels-last strides (a permuted view of HWC memory): `data.loader` stacks such
+    images as HWC, a plain copy, into a (B, 3, H, W) batch with channels-last strides; `torch.stack`
+    would instead move every image to CHW memory at ~30x the cost.
     """
 
+    def __init__(self, size: int | tuple[int, int], scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 interpolation: T.InterpolationMode | str = T.InterpolationMode.BILINEAR):
+        self.size, self.scale, self.ratio, self.hflip = _pair(size), tuple(scale), tuple(ratio), hflip
+        self.mode = getattr(interpolation, "value", interpolation)  # InterpolationMode or its string
+        if self.mode not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation {self.mode!r} is not supported: use 'bilinear' or 'bicubic'")
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        """Convert one image (any mode) to a CHW uint8 view of HWC memory."""
-        arr = np.array(img.convert("RGB") if img.mode != "RGB" else img)  # (H, W, 3) uint8, writable copy
-        # No .contiguous(): the batch's torch.stack does the HWC -> CHW move anyway, at a third of the
-        # cost of doing it per sample here (measured: 100 vs 280 us per 192px image).
-        return torch.from_numpy(arr).permute(2, 0, 1)
+        """Crop, resize and maybe flip one image (any PIL mode; converted to RGB if needed)."""
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        i, j, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        flip = bool(torch.rand(1) < self.hflip)  # drawn after the box, as RandomHorizontalFlip does
+        with warnings.catch_warnings():
+            # np.asarray(img) is PIL's own read-only copy of the pixels and nothing writes to it: copying
+            # it again only to silence torch's warning would cost more than the filter (~7 us)
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            hwc = torch.from_numpy(np.asarray(img))  # (H, W, 3)
+        # The crop is copied once into a dense channels-last block: the uint8 kernel runs ~30% faster
+        # on that than on the strided view of the whole image.
+        x = hwc[i:i + h, j:j + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+        # antialias=True is PIL's filter (bicubic a = -0.5) and the only uint8 path torch has
+        out = F.interpolate(x, self.size, mode=self.mode, antialias=True)[0]  # (3, H, W), channels-last strides
+        # After the resize, as torchvision does (the output is also the smaller image to copy)
+        return out.flip(-1) if flip else out
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
@@ -75,9 +105,10 @@ class MaskGenerator:
         n = self.cells[0] * self.cells[1]
         mask = torch.zeros(n, dtype=torch.uint8)
         mask[torch.randperm(n)[:self.mask_count]] = 1
-        mask = mask.view(*self.cells)
-        # (cells_h, cells_w) -> (cells_h*scale, cells_w*scale): each cell covers scale x scale tokens
-        return mask.repeat_interleave(self.scale, 0).repeat_interleave(self.scale, 1)
+        (ch, cw), s = self.cells, self.scale
+        # (ch, cw) -> (ch*s, cw*s): each cell covers s x s tokens; one copy instead of two
+        # repeat_interleaves (~10 us a sample, with the same values)
+        return mask.view(ch, 1, cw, 1).expand(ch, s, cw, s).reshape(ch * s, cw * s)
 
 
 class SimMIMTransform:
@@ -93,14 +124,10 @@ class SimMIMTransform:
                  scale: tuple[float, float] = (0.67, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
                  std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
-                 interpolation: T.InterpolationMode = T.InterpolationMode.BILINEAR):
+                 interpolation: T.InterpolationMode | str = T.InterpolationMode.BILINEAR):
         self.mean, self.std = tuple(mean), tuple(std)
         self.mask_generator = MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio)
-        self.image_transform = T.Compose([
-            T.RandomResizedCrop(_pair(img_size), scale=scale, ratio=ratio, interpolation=interpolation),
-            T.RandomHorizontalFlip(hflip),
-            ToUint8Tensor(),
-        ])
+        self.image_transform = RandomResizedCropFlipUint8(img_size, scale, ratio, hflip, interpolation)
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         """Crop and flip `img` (uint8) and draw a fresh mask."""

@@ -5,8 +5,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from data import ShardLoader
-from data.loader import plan_epoch
+from data import ShardLoader, SimMIMTransform
+from data.loader import _stack, plan_epoch
 from tests.test_data_common import epoch_keys, jpeg_bytes, make_shards, to_tensor
 
 
@@ -59,6 +59,21 @@ def test_batch_layout_and_labels(tmp_path):
     assert b["label"].dtype == torch.long
     assert [int(k[-6:]) % 3 for k in b["__key__"]] == b["label"].tolist()
     assert set(b) == {"image", "label", "__key__"}
+
+
+def test_channels_last_images_stack_without_transposing(tmp_path):
+    hwc = [torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8) for _ in range(3)]
+    chw_views = [x.permute(2, 0, 1) for x in hwc]  # what RandomResizedCropFlipUint8 returns
+    batch = _stack(chw_views)
+    assert torch.equal(batch, torch.stack(chw_views)) and batch.is_contiguous(memory_format=torch.channels_last)
+    dense = [x.contiguous() for x in chw_views]
+    assert torch.equal(_stack(dense), batch) and _stack(dense).is_contiguous()
+    # Through a worker process, as the trainer gets it: (B, 3, H, W) uint8, channels-last strides.
+    make_shards(tmp_path, 2, 6)
+    b = next(iter(ShardLoader(tmp_path, SimMIMTransform(32, mask_patch_size=16), 4, num_workers=1)))
+    assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.uint8
+    assert b["image"].is_contiguous(memory_format=torch.channels_last)
+    assert b["mask"].shape == (4, 8, 8) and b["mask"].is_contiguous()
 
 
 def test_resampled_and_drop_last_false(tmp_path):
