@@ -40,6 +40,7 @@ SEQUENTIAL_CHUNK_ELEMENTS = 2 ** 24
 # units for the MLP): below it, keeping the whole call's intermediates is cheaper than recomputing.
 AUTO_SEQUENTIAL_ELEMENTS = {"attention": 2 ** 31, "mlp": 2 ** 25}
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+NORMALIZE_EPS = 1e-12  # F.normalize's default, as in the published model
 CPU_FLASH_MIN_TOKENS = 128  # window tokens from which the CPU flash kernel beats matmul + softmax
 # A per-window mask (num_windows, N, N) is kept for the small-window CPU path up to this size (16 MiB).
 DENSE_MASK_ELEMENTS = 2 ** 22
@@ -121,6 +122,22 @@ class CPUFlashAttentionWithBias(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias
 
 
+def scaled_unit_rows(x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """`F.normalize(x, dim=-1) * scale` in one pass over x.
+
+    Multiplying by a per-row inverse norm (scale folded in) instead of dividing and then scaling
+    saves one full-size elementwise pass forward and backward; cosine attention runs it on q and k.
+    """
+    inverse_norm = torch.rsqrt(x.square().sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS ** 2))
+    return x * (inverse_norm * scale)
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q @ k^T + mask) @ v with plain matmuls (small CPU windows, and the `plain` backend)."""
+    # in place: matmul keeps its inputs for backward, not its output, so the scores need no second buffer
+    return torch.softmax(torch.matmul(q, k.transpose(-2, -1)).add_(mask), dim=-1) @ v
+
+
 def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q @ k^T + bias) @ v for (W, heads, N, d) windows and a (heads, N, N) bias, on the fastest kernel.
 
@@ -130,7 +147,7 @@ def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=1.0)
     if _CPU_FLASH is None or q.shape[-2] < CPU_FLASH_MIN_TOKENS:
-        return torch.softmax(torch.matmul(q, k.transpose(-2, -1)) + bias, dim=-1) @ v
+        return softmax_attention(q, k, v, bias)
     if bias.requires_grad and torch.is_grad_enabled():
         return CPUFlashAttentionWithBias.apply(q, k, v, bias.unsqueeze(0))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=1.0)
@@ -273,9 +290,12 @@ class WindowAttention(nn.Module):
     def position_bias(self) -> torch.Tensor:
         """(heads, N, N) log-CPB bias, 16 * sigmoid(MLP(coords)) gathered per token pair."""
         table = self.cpb_mlp(self.relative_coords_table.to(self.q_bias.dtype)).view(-1, self.num_heads)
+        # the sigmoid runs on the (2Wh-1)(2Ww-1) table entries before they are spread over N^2 pairs
+        table = 16 * torch.sigmoid(table)
         N = self.window[0] * self.window[1]
-        bias = table[self.relative_position_index.view(-1)].view(N, N, self.num_heads).permute(2, 0, 1)
-        return 16 * torch.sigmoid(bias)
+        # contiguous once here, so the per-window additions below read it in order
+        bias = table[self.relative_position_index.view(-1)].view(N, N, self.num_heads)
+        return bias.permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, groups: Sequence[tuple[int, int, int]],
                 patterns: torch.Tensor) -> torch.Tensor:
@@ -327,14 +347,10 @@ class WindowAttention(nn.Module):
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(windows, self.qkv.weight, qkv_bias)
         q, k, v = qkv.view(*lead, N, 3, self.num_heads, -1).movedim(-3, 0).transpose(-3, -2).unbind(0)
+        # cosine attention as dot-product attention: unit q and k, the per-head scale folded into q
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        if plain:
-            attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * logit_scale
-            out = torch.softmax(attn + mask, dim=-1) @ v
-        else:
-            # cosine attention as dot-product attention: fold the per-head scale into q
-            q = F.normalize(q, dim=-1) * logit_scale
-            out = dot_product_attention(q, F.normalize(k, dim=-1), v, mask)
+        q, k = scaled_unit_rows(q, logit_scale), scaled_unit_rows(k)
+        out = softmax_attention(q, k, v, mask) if plain else dot_product_attention(q, k, v, mask)
         return self.proj(out.transpose(-3, -2).reshape(*lead, N, C))
 
 
@@ -382,7 +398,7 @@ class SwinTransformerV2Block(nn.Module):
         self.register_buffer("mask_patterns", patterns.to(device), persistent=False)
         self.sorted_windows = not torch.equal(order, torch.arange(len(order)))
         window_masks = None
-        if self.sorted_windows and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
+        if len(self.mask_groups) > 1 and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
             # integer indexing, no float constructor: under bf16 zero.Init those would come out bf16
             pattern_of_window = torch.full((len(order),), -1, dtype=torch.long)
             for start, end, pattern in self.mask_groups:
