@@ -13,7 +13,11 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
   ratio=(3/4, 4/3), hflip=0.5, mean, std, interpolation)`
     PIL image -> {"image": (3, H, W) uint8, "mask": (H/model_patch, W/model_patch) uint8, 1 = masked}.
     Cropped and flipped, not normalised; `transform.mean` / `transform.std` (0-1 scale) are what
-    `normalize_images` needs. img_size must be a multiple of mask_patch_size; otherwise the
+    `normalize_images` needs. The crop box and flip are torchvision's RandomResizedCrop and
+    RandomHorizontalFlip draws (same seed, same box); the resize is torch's antialiased uint8
+    interpolate (`data.transforms.RandomResizedCropFlipUint8`), within rounding of PIL's.
+    interpolation: 'bilinear' (default) or 'bicubic'; others raise a ValueError. The image has
+    channels-last strides. img_size must be a multiple of mask_patch_size; otherwise the
     constructor raises a one-line ValueError naming the nearest sizes that work.
 - `normalize_images(images, mean, std, dtype=torch.float32) -> Tensor`
     uint8 (..., 3, H, W) -> `(images - mean*255) / (std*255)` in `dtype`, on the images' device
@@ -30,7 +34,8 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
   prefetch_factor=2, pin_memory=False, max_pixels=PIL's limit)`
     `urls`: folder (its `index.json` split, else `{split}-*.tar`, else `*.tar`), brace pattern, list
     file, `pipe:` command, or a list of those. Iterating yields the rest of the current epoch as
-    dicts {"image": (B, 3, H, W) in the transform's dtype (uint8 for SimMIMTransform),
+    dicts {"image": (B, 3, H, W) in the transform's dtype (uint8 for SimMIMTransform; channels-last
+    strides when the transform's images have them, as SimMIMTransform's do: stacked without a transpose),
     "mask": (B, h, w) if the transform makes one, "label": (B,) long (-1 without .cls), "__key__": list[str]}, then advances the epoch.
     `len(loader)`: batches per epoch on this rank, identical on every rank. `set_epoch(e)`
     (no-op for the current epoch, so it keeps a restored position), `forever()` (endless
