@@ -115,9 +115,12 @@ def test_window_attention_with_padding_matches_definition(resolution, window, sh
         torch.testing.assert_close(block._attention(x), reference_window_attention(block, x), atol=1e-5, rtol=0)
 
 
-def test_attention_backends_agree_in_forward_and_backward_on_a_padded_model(monkeypatch):
+@pytest.mark.parametrize("flash_min_tokens", [None, 16])
+def test_attention_backends_agree_in_forward_and_backward_on_a_padded_model(monkeypatch, flash_min_tokens):
     # small chunks so that the sequential path really splits the MLP tokens too
     monkeypatch.setattr("models.swin_transformer_v2.SEQUENTIAL_CHUNK_ELEMENTS", 4096)
+    if flash_min_tokens:  # the 6x6 windows then take the CPU flash kernel and the mask groups, as large ones do
+        monkeypatch.setattr("models.swin_transformer_v2.CPU_FLASH_MIN_TOKENS", flash_min_tokens)
     torch.manual_seed(0)
     base = perturb_(build_model("swinv2_tiny", img_size=80, window_size=6, **TINY))
     x = torch.randn(2, 3, 80, 80)
