@@ -31,6 +31,7 @@ STEP_CASES = [
     dict(name="swinv2_tiny", img_size=256, window_size=8, batch=8),
     dict(name="swinv2_tiny", img_size=192, window_size=12, batch=8),
     dict(name="swinv2_base", img_size=256, window_size=16, batch=4),
+    dict(name="swinv2_tiny", img_size=384, window_size=24, batch=2),  # the 384 fine-tuning window
 ]
 
 
