@@ -36,7 +36,8 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
     file, `pipe:` command, or a list of those. Iterating yields the rest of the current epoch as
     dicts {"image": (B, 3, H, W) in the transform's dtype (uint8 for SimMIMTransform; channels-last
     strides when the transform's images have them, as SimMIMTransform's do: stacked without a transpose),
-    "mask": (B, h, w) if the transform makes one, "label": (B,) long (-1 without .cls), "__key__": list[str]}, then advances the epoch.
+    "mask": (B, h, w) if the transform makes one, "label": (B,) long (-1 without .cls),
+    "__key__": list[str]}, then advances the epoch.
     `len(loader)`: batches per epoch on this rank, identical on every rank. `set_epoch(e)`
     (no-op for the current epoch, so it keeps a restored position), `forever()` (endless
     iterator over epochs), `state_dict()` / `load_state_dict(state)` (exact resume, augmentations

@@ -1,7 +1,8 @@
 """Image transforms: SimMIM pretraining (crop + token mask), fine-tuning (timm RandAugment), eval, mixup.
 
 Augmentations come from torchvision and timm. Ours: the SimMIM mask generator, which neither library
-has, and the SimMIM crop, whose box and flip torchvision draws but whose resize torch does faster. The SimMIM recipe (Xie et al., arXiv:2111.09886; Microsoft's SimMIM code):
+has, and the SimMIM crop, whose box and flip torchvision draws but whose resize torch does faster.
+The SimMIM recipe (Xie et al., arXiv:2111.09886; Microsoft's SimMIM code):
 RandomResizedCrop(scale 0.67-1, ratio 3/4-4/3), horizontal flip, ImageNet normalisation, and a
 random 60% of 32x32 mask patches, expressed at the model's 4x4 patch granularity. The normalisation
 runs on the device (`normalize_images`), so loader workers produce and ship uint8 images.

@@ -16,21 +16,26 @@ from timm.layers import trunc_normal_
 
 from .swin_transformer_v2 import SwinTransformerV2, build_model
 
-__all__ = ["SimMIM", "build_simmim", "normalize_targets"]
+__all__ = ["SimMIM", "build_simmim", "local_statistics", "normalize_targets"]
+
+
+def local_statistics(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel mean and unbiased variance of each patch_size^2 neighbourhood, cut at the border.
+
+    Padding does not count, as in the SwinV2 SimMIM recipe.
+    """
+    pad = patch_size // 2
+    mean = F.avg_pool2d(images, patch_size, stride=1, padding=pad, count_include_pad=False)
+    mean_sq = F.avg_pool2d(images ** 2, patch_size, stride=1, padding=pad, count_include_pad=False)
+    count = F.avg_pool2d(torch.ones_like(images[:, :1]), patch_size, stride=1, padding=pad,
+                         count_include_pad=True) * patch_size ** 2
+    var = ((mean_sq - mean ** 2) * count / (count - 1).clamp(min=1)).clamp(min=0)
+    return mean, var
 
 
 def normalize_targets(targets: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Standardise each pixel by the mean and unbiased variance of its patch_size^2 neighbourhood.
-
-    The neighbourhood is cut at the image border (padding does not count), as in the
-    SwinV2 SimMIM recipe.
-    """
-    pad = patch_size // 2
-    mean = F.avg_pool2d(targets, patch_size, stride=1, padding=pad, count_include_pad=False)
-    mean_sq = F.avg_pool2d(targets ** 2, patch_size, stride=1, padding=pad, count_include_pad=False)
-    count = F.avg_pool2d(torch.ones_like(targets[:, :1]), patch_size, stride=1, padding=pad,
-                         count_include_pad=True) * patch_size ** 2
-    var = ((mean_sq - mean ** 2) * count / (count - 1).clamp(min=1)).clamp(min=0)
+    """Standardise each pixel by the `local_statistics` of its patch_size^2 neighbourhood."""
+    mean, var = local_statistics(targets, patch_size)
     return (targets - mean) / (var + 1e-6).sqrt()
 
 

@@ -85,11 +85,10 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shm_workspace_path(rank: int, environ: dict[str, str] | None = None) -> str:
+def shm_workspace_path(rank: int) -> str:
     """The /dev/shm file DeepSpeed's CPU all-reduce maps for `rank` (named in its shm.cpp)."""
-    env = os.environ if environ is None else environ
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}"
-            f"_{env.get('MASTER_PORT', '')}_{rank}")
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}"
+            f"_{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
 def release_shm_workspace(rank: int) -> None:

@@ -73,7 +73,8 @@ class PretrainEngine:
     """A thin layer over `deepspeed.DeepSpeedEngine` with the trainer's step semantics."""
 
     def __init__(self, engine: Any, info: DistInfo, precision: str,
-                 mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> None:
+                 mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> None:
         self.engine = engine
         self.info = info
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32

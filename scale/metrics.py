@@ -200,17 +200,12 @@ def denormalize_prediction(prediction: torch.Tensor, images: torch.Tensor, patch
     With target normalisation on (SimMIM's SwinV2 recipe), the decoder predicts
     (x - local mean) / local std over a `patch_size` window, so shown as-is it is a flat grey.
     Here the window statistics come from the full input, as SimMIM's own visualisations do.
-    Same statistics as `models.simmim.normalize_targets` (border-cut window, unbiased variance).
     """
     if patch_size is None:
         return prediction
-    x = images.detach().float()
-    pad = patch_size // 2
-    mean = torch.nn.functional.avg_pool2d(x, patch_size, stride=1, padding=pad, count_include_pad=False)
-    mean_sq = torch.nn.functional.avg_pool2d(x ** 2, patch_size, stride=1, padding=pad, count_include_pad=False)
-    count = torch.nn.functional.avg_pool2d(torch.ones_like(x[:, :1]), patch_size, stride=1, padding=pad,
-                                           count_include_pad=True) * patch_size ** 2
-    var = ((mean_sq - mean ** 2) * count / (count - 1).clamp(min=1)).clamp(min=0)
+    from models.simmim import local_statistics  # local: metrics itself needs no model code
+
+    mean, var = local_statistics(images.detach().float(), patch_size)
     return prediction.detach().float() * (var + 1e-6).sqrt() + mean
 
 
