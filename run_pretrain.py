@@ -1,4 +1,4 @@
-"""SimMIM pretraining of SwinV2 on WebDataset shards with DeepSpeed (ZeRO 1/2/3, bf16 on GPU).
+"""Self-supervised pretraining of SwinV2 (`method.name`: simmim) on WebDataset shards with DeepSpeed (ZeRO, bf16).
 
 Demo (no --config: a small SwinV2 on generated demo shards, a few minutes on 2 CPU cores):
     deepspeed --num_gpus 2 run_pretrain.py
@@ -15,23 +15,23 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
-from scale.checkpoint import CheckpointManager
 from scale.config import REPO_ROOT, ConfigError, check_data_path, check_model_name, load_config
-from scale.dist import init_distributed, map_launcher_env, rng_state, seed_everything, set_rng_state
+from scale.dist import init_distributed, map_launcher_env, seed_everything
 from scale.ds_config import fill_ds_config, load_ds_config, precision_of
-from scale.engine import NonFiniteGuard, NonFiniteLossError, build_engine
+from scale.engine import NonFiniteLossError, build_engine, partitioned
 from scale.host_memory import return_freed_host_memory
+from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
-from scale.metrics import (MetricsProcessor, build_logger, denormalize_prediction, device_peak_flops,
-                           reconstruction_grid)
+from scale.metrics import MetricsProcessor, device_peak_flops
+from scale.tasks import build_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="SimMIM pretraining of SwinV2 with DeepSpeed",
+    p = argparse.ArgumentParser(description="Self-supervised pretraining of SwinV2 with DeepSpeed (method.name: "
+                                            "simmim)",
                                 epilog="overrides: section.key=value words, e.g. train.max_steps=100")
     p.add_argument("--ds_config", default=str(REPO_ROOT / "ds_configs" / "zero3.json"),
                    help="DeepSpeed JSON (sharding, buckets); default ds_configs/zero3.json")
@@ -66,7 +66,6 @@ def main(argv=None) -> int:
     import deepspeed.comm as dist
 
     import data
-    import models
 
     info = init_distributed()
     log = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
@@ -77,13 +76,14 @@ def main(argv=None) -> int:
         log("no GPU found: training in fp32 on CPU (bf16 is emulated and ~20x slower there)"
             if precision_of(ds) == "fp32" else "bf16 on CPU: emulated here, ~20x slower than fp32")
     log(f"{info.world_size} rank(s) on {info.device.type}, ZeRO stage {ds['zero_optimization']['stage']}, "
-        f"{precision_of(ds)}, global batch {global_batch}, output {cfg.output_dir}")
+        f"{precision_of(ds)}, global batch {global_batch}, method {cfg.method.name}, output {cfg.output_dir}")
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         cfg.save(os.path.join(cfg.output_dir, "config.yaml"))  # the resolved config, to reproduce the run
         with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
             json.dump(ds, f, indent=1)
     seed_everything(cfg.seed)  # same seed everywhere: identical init on every rank
+    task = build_task(cfg.method.name, cfg, info, log)
 
     # -------------------------------------------------------------------- data
     data_path = cfg.data.path
@@ -92,9 +92,7 @@ def main(argv=None) -> int:
             data_path = data.demo_shards()
         dist.barrier()
         data_path = data.demo_shards()
-    transform = data.SimMIMTransform(cfg.model.img_size, mask_patch_size=cfg.data.mask_patch_size,
-                                     model_patch_size=cfg.model.patch_size, mask_ratio=cfg.data.mask_ratio)
-    loader = data.ShardLoader(data_path, transform, cfg.train.micro_batch_size, rank=info.rank,
+    loader = data.ShardLoader(data_path, task.train_transform(), cfg.train.micro_batch_size, rank=info.rank,
                               world_size=info.world_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
                               resampled=cfg.data.resampled)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum_steps)
@@ -103,85 +101,40 @@ def main(argv=None) -> int:
                                  batch_base=cfg.optim.lr_batch_base, total_steps=total_steps, epochs=cfg.train.epochs)
 
     # -------------------------------------------------------------------- model, optimizer, engine
-    engine, model = build_engine(cfg, ds, info, mean=transform.mean, std=transform.std)  # normalises on the device
+    with partitioned(ds):  # ZeRO-3: every rank holds only its shard from the start
+        model = task.build_model()
+    engine = build_engine(model, task.param_groups(model), ds, info)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    flops_per_image = models.estimate_flops(model, cfg.model.img_size)
+    flops_per_image = task.flops_per_image(model)
     log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {flops_per_image / 1e9:.2f} GFLOPs/image fwd, "
         f"{len(loader)} batches/epoch/rank, {total_steps} steps")
 
     # -------------------------------------------------------------------- resume
-    ckpt = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=info.rank)
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_in_row)
-    step = 0
-    resume_from = ckpt.resolve_resume(cfg.resume)
-    if resume_from is not None:
-        client, rank_state = ckpt.load(engine.engine, *resume_from)
-        step = client["step"]
-        guard.total, engine.overflow_skips = client["nonfinite_skips"], client["overflow_skips"]
-        loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])  # drop path continues the exact random stream
-        if client["schedule"] != schedule.state_dict():
-            log(f"note: the LR schedule differs from the checkpoint's ({client['schedule']})")
-        log(f"resumed from {resume_from[0]}/{resume_from[1]} at step {step}")
-        if step >= total_steps:
-            log(f"already at step {step} of {total_steps}: nothing to train (resume=none starts over, "
+    trainer = Trainer(cfg, task, engine, info, log)
+    resumed = trainer.resume(cfg.resume)
+    if resumed is not None:
+        loader.load_state_dict(resumed["loader"])
+        trainer.check_schedule(schedule)
+        if trainer.step >= total_steps:
+            log(f"already at step {trainer.step} of {total_steps}: nothing to train (resume=none starts over, "
                 f"train.max_steps=N goes further)")
 
-    def save_checkpoint() -> None:
-        ckpt.save(engine.engine, step,
-                  client_state={"step": step, "schedule": schedule.state_dict(), "nonfinite_skips": guard.total,
-                                "overflow_skips": engine.overflow_skips},
-                  rank_state={"rng": rng_state(), "loader": loader.state_dict()},
-                  meta={"step": step, "config": cfg.to_dict(), "model_args": {
-                      "name": cfg.model.name, "norm_target_patch_size": cfg.model.norm_target_patch_size,
-                      **cfg.model.build_args()}})
-
-    def log_reconstruction(batch) -> None:
-        images, mask, prediction = engine.reconstruct(batch, cfg.log.num_images)  # collective under ZeRO-3
-        prediction = denormalize_prediction(prediction, images, cfg.model.norm_target_patch_size)
-        grid = reconstruction_grid(images, mask, prediction, transform.mean, transform.std)
-        logger.image(step, "simmim/input_masked_reconstruction", grid)
-
     # -------------------------------------------------------------------- train
-    logger = build_logger(cfg.output_dir, is_main=info.is_main, tensorboard=cfg.log.tensorboard)
-    metrics = MetricsProcessor(logger, every_steps=cfg.log.every_steps, total_steps=total_steps,
+    metrics = MetricsProcessor(trainer.logger, every_steps=cfg.log.every_steps, total_steps=total_steps,
                                images_per_step=global_batch, flops_per_image=flops_per_image,
                                peak_flops=device_peak_flops(info.device), device=info.device,
                                world_size=info.world_size, print_fn=log)
-    batches = loader.forever()
-    batch = None
     exit_code = 0
     try:
-        while step < total_steps:
-            lr = schedule.apply(engine.param_groups, step)  # per group: keeps each group's lr_scale
-            losses = []
-            while len(losses) < cfg.train.grad_accum_steps:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                metrics.data_wait(time.perf_counter() - t0)
-                loss = engine.micro_step(batch).loss  # None: non-finite somewhere, skipped on all ranks
-                guard.update(loss is not None, step=step + 1, last_checkpoint=ckpt.last_saved)
-                if loss is not None:
-                    losses.append(loss)
-            step += 1
-            metrics.nonfinite_skips, metrics.overflow_skips = guard.total, engine.overflow_skips
-            corrupt = torch.tensor(float(sum(loader.corrupt_counts().values())), device=info.device)
-            dist.all_reduce(corrupt)  # skipped samples of all ranks, for the log line
-            metrics.step_done(step, loss=sum(losses) / len(losses), lr=lr, grad_norm=engine.grad_norm(),
-                              corrupt=int(corrupt.item()))
-            final = step == total_steps
-            if ckpt.due(step, final=final):
-                save_checkpoint()
-            if final or step % cfg.log.image_every_steps == 0:
-                log_reconstruction(batch)
-            metrics.restart_clock()  # checkpoint and image time is not step time
+        trainer.train(loader, schedule, metrics, until=total_steps)
+        trainer.save_if_new()
     except NonFiniteLossError as e:
         log(f"stopped: {e}")
         exit_code = 1
-    logger.close()
+    trainer.close()
     if exit_code == 0:
-        log(f"done: {step} steps; checkpoints in {ckpt.dir}; export with: python -m scale.export {cfg.output_dir} "
-            f"{os.path.join(cfg.output_dir, 'pretrained.pt')}")
+        log(f"done: {trainer.step} steps; checkpoints in {trainer.ckpt.dir}; export with: python -m scale.export "
+            f"{cfg.output_dir} {os.path.join(cfg.output_dir, 'pretrained.pt')}")
     dist.barrier()
     dist.destroy_process_group()
     return exit_code

@@ -9,6 +9,11 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
 - `read_index(path) -> dict`
     `index.json` of a shard folder (or the file itself): keys `class_names`, `num_classes`,
     `splits` -> {split: {"samples": n, "shards": [{"name", "samples", "bytes"}]}}.
+- `check_num_classes(path, num_classes) -> int | None`
+    Call before fine-tuning: the class count in the `index.json` of `path` (shard folder or the file,
+    e.g. the loader's `index=`) when it equals `num_classes`; a one-line ValueError naming both counts
+    and the fix when it differs; None when it cannot be known before reading (no index.json: brace
+    pattern, list file, pipe:/remote shards; or an index recording no classes).
 - `SimMIMTransform(img_size, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6, scale=(0.67, 1),
   ratio=(3/4, 4/3), hflip=0.5, mean, std, interpolation)`
     PIL image -> {"image": (3, H, W) uint8, "mask": (H/model_patch, W/model_patch) uint8, 1 = masked}.
@@ -31,30 +36,35 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
 - `ShardLoader(urls, transform, batch_size, *, rank=0, world_size=1, num_workers=4, seed=0,
   resampled=False, split="train", index=None (an index.json path, for pipe:/remote shards),
   drop_last=True, shuffle_buffer=256, interleave=4,
-  prefetch_factor=2, pin_memory=False, max_pixels=PIL's limit)`
+  prefetch_factor=2, pin_memory=False, max_pixels=PIL's limit, num_classes=None)`
     `urls`: folder (its `index.json` split, else `{split}-*.tar`, else `*.tar`), brace pattern, list
     file, `pipe:` command, or a list of those. Iterating yields the rest of the current epoch as
     dicts {"image": (B, 3, H, W) in the transform's dtype (uint8 for SimMIMTransform; channels-last
     strides when the transform's images have them, as SimMIMTransform's do: stacked without a transpose),
     "mask": (B, h, w) if the transform makes one, "label": (B,) long (-1 without .cls),
     "__key__": list[str]}, then advances the epoch.
+    `num_classes` (fine-tuning; None for pretraining): a sample without `.cls` (`no_label`) or with a
+    class id outside [0, num_classes) (`label_out_of_range`: negative, beyond the head, or huge) is
+    skipped and counted like corrupt data, before its image is decoded, so every yielded label is a
+    valid class. Without it labels are unchecked except that ids beyond int64 are `label_out_of_range`.
     `len(loader)`: batches per epoch on this rank, identical on every rank. `set_epoch(e)`
     (no-op for the current epoch, so it keeps a restored position), `forever()` (endless
     iterator over epochs), `state_dict()` / `load_state_dict(state)` (exact resume, augmentations
     and masks included: each sample's transform is seeded from (seed, epoch, rank, its place in the
-    epoch plan); state is per rank, num_workers may change; the caller's global RNGs are untouched),
-    `corrupt_counts() -> dict[str, int]` (skips per reason on this rank; reasons in
-    `data.shards.REASONS`), `padded` (samples repeated to keep batch counts equal), `num_samples`.
+    epoch plan); state is per rank and num_classes must match, num_workers may change; the caller's
+    global RNGs are untouched), `corrupt_counts() -> dict[str, int]` (skips per reason on this rank;
+    reasons in `data.shards.REASONS`), `padded` (samples repeated to keep batch counts equal), `num_samples`.
 
 CLIs: `python -m data.write_shards SRC OUT [--shard-size N] [--workers W] [--val-fraction F]` and
-`python -m data.check_shards PATH` (prints {"shards", "samples", "skipped", "errors"}).
+`python -m data.check_shards PATH [--num-classes N]` (prints {"shards", "samples", "skipped", "errors"};
+with --num-classes, missing and out-of-range labels are counted as the fine-tuning loader skips them).
 """
 import importlib
 
 # Lazy attributes (PEP 562): the CLIs (`python -m data.write_shards`, `data.check_shards`) start
 # without importing torch and timm, which the loader and transforms need.
-_EXPORTS = {"demo_shards": "demo", "read_index": "index", "ShardLoader": "loader", "REASONS": "shards",
-            "MaskGenerator": "transforms", "SimMIMTransform": "transforms",
+_EXPORTS = {"demo_shards": "demo", "read_index": "index", "check_num_classes": "index", "ShardLoader": "loader",
+            "REASONS": "shards", "MaskGenerator": "transforms", "SimMIMTransform": "transforms",
             "build_eval_transform": "transforms", "build_finetune_transform": "transforms",
             "build_mixup": "transforms", "normalize_images": "transforms"}
 __all__ = list(_EXPORTS)

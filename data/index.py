@@ -39,6 +39,33 @@ def read_index(path: str | os.PathLike) -> dict:
     return index
 
 
+def check_num_classes(path: str | os.PathLike, num_classes: int | None) -> int | None:
+    """The class count of the data set at `path` (shard folder or `index.json`), checked against `num_classes`
+    (None: not checked, only read).
+
+    Raises a one-line ValueError when `index.json` gives another count, so a head of the wrong size is
+    reported before training instead of as skipped `label_out_of_range` samples (too few classes in
+    the config) or never-trained outputs (too many). Returns None when the count cannot be known
+    before reading: no `index.json` there (brace pattern, list file, `pipe:` or remote shards), or an
+    index that records no classes (`num_classes` 0: shards written from unlabelled images).
+    """
+    url = str(path)
+    if not _is_local(url):
+        return None
+    local = url[5:] if url.startswith("file:") else url
+    if os.path.isdir(local):
+        local = os.path.join(local, INDEX_NAME)
+    if not (local.endswith(".json") and os.path.isfile(local)):
+        return None
+    found = read_index(local)["num_classes"]
+    if not found:
+        return None
+    if num_classes is not None and found != num_classes:
+        raise ValueError(f"data set at {url} has {found} classes ({local}) but the config says {num_classes}: "
+                         f"set the config's num_classes to {found}, or use a data set with {num_classes} classes")
+    return found
+
+
 def write_index(folder: str | os.PathLike, index: dict) -> Path:
     """Write `index.json` atomically (temp file + rename) so readers never see half a file."""
     path = Path(folder) / INDEX_NAME

@@ -18,9 +18,11 @@ loader skips those prefixes (reading but not decoding them) and yields exactly t
 epoch, whatever the new number of workers. Augmentations resume too: every sample's transform runs
 with the global torch/numpy/`random` RNGs seeded from (seed, epoch, rank, piece, position in piece),
 so a sample gets the same crop, flip and mask however many workers read it and whether or not the
-samples before it were decoded. Samples that fail to decode are skipped and counted; if
-that leaves a rank short, its last batches are topped up with samples it already yielded this
-epoch (counted in `padded`), so batch counts stay equal.
+samples before it were decoded. Samples that fail to decode, or whose label a classifier cannot
+use (`num_classes`), are skipped and counted; if that leaves a rank short, its last batches are
+topped up with samples it already yielded this epoch (counted in `padded`), so batch counts stay equal.
+The counts resume exactly as well: each chunk tells how far into each piece the errors it carries
+reach, and a restored loader counts only errors beyond that, whatever the new number of workers.
 """
 import hashlib
 import logging
@@ -127,18 +129,26 @@ class _EpochStream(IterableDataset):
     """One rank's epoch, read by DataLoader workers; yields chunks of decoded samples plus bookkeeping."""
 
     def __init__(self, urls: list[str], pieces: list[tuple[int, int, int]], skip: dict[int, int],
-                 replay: dict[int, tuple[int, int]], offset: int, transform: Callable, chunk_size: int,
-                 seeds: tuple[int, int, int], shuffle_buffer: int, interleave: int, max_pixels: int):
+                 replay: dict[int, tuple[int, int]], counted: dict[int, int], offset: int, transform: Callable,
+                 chunk_size: int, seeds: tuple[int, int, int], shuffle_buffer: int, interleave: int,
+                 max_pixels: int, num_classes: int | None):
         self.urls, self.pieces, self.skip, self.replay, self.offset = urls, pieces, skip, replay, offset
+        self.counted = counted  # per piece: errors at output positions below this were counted before a resume
         self.transform, self.chunk_size, self.seeds = transform, chunk_size, seeds
         self.shuffle_buffer, self.interleave, self.max_pixels = shuffle_buffer, interleave, max_pixels
+        self.num_classes = num_classes
 
-    def _piece_outputs(self, p: int, on_error) -> Iterator[tuple[int, str, dict]]:
-        """(output position, key, raw sample) of piece p in its fixed shuffled order."""
+    def _piece_outputs(self, p: int, on_error: Callable[[str, str, int, int], None]
+                       ) -> Iterator[tuple[int, str, dict]]:
+        """(output position, key, raw sample) of piece p in its fixed shuffled order.
+
+        A read error is reported at the position of the next output: the draw that returns it meets it.
+        """
         shard, start, end = self.pieces[p]
         rng = random.Random(f"{self.seeds}-{p}")
         buf, pos = [], 0
-        raw = iter_tar_samples(open_shard(self.urls[shard]), on_error, self.urls[shard])
+        raw = iter_tar_samples(open_shard(self.urls[shard]), lambda reason, detail: on_error(reason, detail, p, pos),
+                               self.urls[shard])
         for i, (key, sample) in enumerate(raw):
             if i < start:
                 continue
@@ -180,11 +190,15 @@ class _EpochStream(IterableDataset):
         # round-robin where the interrupted run stopped.
         wid = (phys + self.offset) % nw
         corrupt: Counter = Counter()
+        # Per piece drawn from since the last chunk: outputs drawn so far, or one past its length once it
+        # ran dry. The errors it met at positions below that are all in `corrupt`.
+        drawn: dict[int, int] = {}
         warn = WarningLimiter(log)
         replay, phase = self.replay.get(wid, (0, 0))
 
-        def on_error(reason: str, detail: str) -> None:
-            if draw >= replay:  # errors met while fast-forwarding were counted before the resume
+        def on_error(reason: str, detail: str, p: int, pos: int) -> None:
+            # Errors met while fast-forwarding, or below a piece's `counted`, were counted before the resume.
+            if draw >= replay and pos >= self.counted.get(p, 0):
                 corrupt[reason] += 1
                 warn(reason, detail)
 
@@ -205,14 +219,16 @@ class _EpochStream(IterableDataset):
             p, it = active[a]
             nxt = next(it, None)
             if nxt is None:
+                drawn[p] = self.pieces[p][2] - self.pieces[p][1] + 1
                 active.pop(a)
                 continue
             pos, key, sample = nxt
+            drawn[p] = pos + 1
             if draw < replay or pos < self.skip.get(p, 0):
                 continue
-            img, label, reason = decode_sample(sample, self.max_pixels)
+            img, label, reason = decode_sample(sample, self.max_pixels, self.num_classes)
             if img is None:
-                on_error(reason, f"{self.urls[self.pieces[p][0]]} key {key}")
+                on_error(reason, f"{self.urls[self.pieces[p][0]]} key {key}", p, pos)
                 continue
             # Seeded per sample, not per worker: samples skipped on resume draw nothing, and a worker's
             # RNG stream would otherwise depend on which samples it happened to decode before.
@@ -223,19 +239,20 @@ class _EpochStream(IterableDataset):
             chunk.append(out)
             rows.append([p, pos, wid, draw])
             if len(chunk) == target:
-                yield self._emit(chunk, rows, corrupt)
+                yield self._emit(chunk, rows, corrupt, drawn)
                 chunk, rows, target = [], [], self.chunk_size
         if chunk or corrupt:
-            yield self._emit(chunk, rows, corrupt)
+            yield self._emit(chunk, rows, corrupt, drawn)
 
     @staticmethod
-    def _emit(chunk: list[dict], rows: list[list[int]], corrupt: Counter) -> dict:
+    def _emit(chunk: list[dict], rows: list[list[int]], corrupt: Counter, drawn: dict[int, int]) -> dict:
         out = _collate(chunk) if chunk else {}
         if chunk:
             # Columns: piece, output position in piece, logical worker, draw, index in chunk, chunk size.
             out["__pos__"] = torch.tensor([r + [i, len(rows)] for i, r in enumerate(rows)], dtype=torch.long)
-        out["__corrupt__"] = dict(corrupt)
+        out["__corrupt__"] = (dict(corrupt), dict(drawn))  # skips per reason, and how far they are counted
         corrupt.clear()
+        drawn.clear()
         return out
 
 
@@ -274,15 +291,21 @@ class ShardLoader:
         interleave: pieces each worker reads at once, mixing samples across shards.
         prefetch_factor, pin_memory: passed to torch's DataLoader.
         max_pixels: decompression-bomb limit; larger images are skipped as `too_large`.
+        num_classes: classes of the classifier being trained. Samples without a `.cls` member
+            (`no_label`) or with a class id outside [0, num_classes) (`label_out_of_range`) are
+            skipped and counted like corrupt ones, before their image is decoded. None (pretraining):
+            no label is required (-1 marks a missing one); only class ids beyond int64 are skipped.
     """
 
     def __init__(self, urls, transform: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 4, seed: int = 0, resampled: bool = False, split: str = "train",
                  index: str | os.PathLike | None = None, drop_last: bool = True, shuffle_buffer: int = 256,
                  interleave: int = 4, prefetch_factor: int = 2, pin_memory: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, num_classes: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes={num_classes} must be >= 1, or None when no labels are needed")
         self.urls = expand_urls(urls, split)
         if not self.urls:
             raise ValueError(f"no shards found for {urls!r}")
@@ -292,6 +315,7 @@ class ShardLoader:
         self.resampled, self.drop_last = resampled, drop_last
         self.shuffle_buffer, self.interleave = max(1, shuffle_buffer), max(1, interleave)
         self.prefetch_factor, self.pin_memory, self.max_pixels = prefetch_factor, pin_memory, max_pixels
+        self.num_classes = num_classes
         self.per_rank = sum(self.counts) // world_size
         n = self.per_rank // batch_size if drop_last else -(-self.per_rank // batch_size)
         if n == 0:
@@ -307,6 +331,7 @@ class ShardLoader:
     def _reset(self, epoch: int) -> None:
         self.epoch, self._batches = epoch, 0
         self._consumed: dict[int, int] = {}  # piece -> outputs delivered (a prefix of its fixed order)
+        self._counted: dict[int, int] = {}  # piece -> its errors at output positions below this are counted
         self._base: dict[int, int] = {}  # per-piece prefix skipped when the current stream started
         self._workers: dict[int, list[int]] = {}  # logical worker -> [draws done, samples of open chunk]
         self._next_worker = 0
@@ -332,11 +357,11 @@ class ShardLoader:
     def state_dict(self) -> dict:
         """Position within the epoch (batches delivered, per-piece and per-worker progress) and counters."""
         return {"epoch": self.epoch, "batches": self._batches, "consumed": dict(self._consumed),
-                "base": dict(self._base), "workers": {w: list(v) for w, v in self._workers.items()},
-                "next_worker": self._next_worker, "num_workers": self._nw,
-                "corrupt": dict(self._corrupt), "padded": self.padded, "seed": self.seed,
+                "base": dict(self._base), "counted": dict(self._counted),
+                "workers": {w: list(v) for w, v in self._workers.items()}, "next_worker": self._next_worker,
+                "num_workers": self._nw, "corrupt": dict(self._corrupt), "padded": self.padded, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
-                "resampled": self.resampled, "shards": self._fingerprint}
+                "resampled": self.resampled, "num_classes": self.num_classes, "shards": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by `state_dict` on the same rank; num_workers may differ.
@@ -344,16 +369,19 @@ class ShardLoader:
         With the same num_workers the rest of the epoch comes in exactly the uninterrupted order;
         with another count it holds exactly the same samples in another order.
         """
-        for k in ("seed", "rank", "world_size", "batch_size", "resampled"):
-            if state[k] != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: "
-                                 f"construct the loader with {k}={state[k]} to resume exactly")
+        # num_classes decides which samples are skipped; states saved before it existed had none.
+        for k in ("seed", "rank", "world_size", "batch_size", "resampled", "num_classes"):
+            if state.get(k) != getattr(self, k):
+                raise ValueError(f"loader state has {k}={state.get(k)} but this loader has {getattr(self, k)}: "
+                                 f"construct the loader with {k}={state.get(k)} to resume exactly")
         if state["shards"] != self._fingerprint:
             raise ValueError("loader state was saved for a different shard list or sample counts: "
                              "resume with the same shards (and index.json)")
         self._reset(state["epoch"])
         self._batches = state["batches"]
         self._consumed = {int(k): int(v) for k, v in state["consumed"].items()}
+        # States saved before "counted" existed: the delivered prefixes are the ones surely counted.
+        self._counted = {int(k): int(v) for k, v in state.get("counted", state["consumed"]).items()}
         if state["num_workers"] == self._nw:
             self._base = {int(k): int(v) for k, v in state["base"].items()}
             self._workers = {int(k): list(v) for k, v in state["workers"].items()}
@@ -371,10 +399,10 @@ class ShardLoader:
             sizes[-1] = self.per_rank - (self._len - 1) * self.batch_size
         return sizes
 
-    def _stream(self, pieces: list, skip: dict, replay: dict, offset: int) -> _EpochStream:
-        return _EpochStream(self.urls, pieces, skip, replay, offset, self.transform, self.batch_size,
+    def _stream(self, pieces: list, skip: dict, replay: dict, counted: dict, offset: int) -> _EpochStream:
+        return _EpochStream(self.urls, pieces, skip, replay, counted, offset, self.transform, self.batch_size,
                             (self.seed, self.epoch, self.rank), self.shuffle_buffer, self.interleave,
-                            self.max_pixels)
+                            self.max_pixels, self.num_classes)
 
     def _record(self, rows: torch.Tensor) -> None:
         """Mark a delivered batch's samples (rows of `__pos__`) as consumed."""
@@ -392,7 +420,7 @@ class ShardLoader:
                 log.warning("rank %d has %d shard pieces for %d workers: some workers idle; use at least "
                             "world_size x num_workers shards", self.rank, len(pieces), self._nw)
             stream = self._stream(pieces, dict(self._base), {w: tuple(v) for w, v in self._workers.items()},
-                                  self._next_worker)
+                                  dict(self._counted), self._next_worker)
             # A private generator: DataLoader draws its worker base seed from it on every iter(), which
             # would otherwise advance the trainer's torch RNG at different steps in a resumed run. The
             # base seed itself matters to nothing: transforms are reseeded per sample.
@@ -408,7 +436,10 @@ class ShardLoader:
                     chunk = next(it, None)
                     if chunk is None:
                         break
-                    self._corrupt.update(chunk.pop("__corrupt__"))
+                    counts, counted = chunk.pop("__corrupt__")
+                    self._corrupt.update(counts)
+                    for p, n in counted.items():
+                        self._counted[p] = max(self._counted.get(p, 0), n)
                     if _size(chunk):
                         pending.append(chunk)
                         have += _size(chunk)
@@ -419,7 +450,7 @@ class ShardLoader:
                     if last is None and not have:
                         # Resumed inside the padded tail: nothing left to read, so repeat the
                         # epoch's first samples.
-                        last = next(iter(self._stream(pieces, {}, {}, 0)), None)
+                        last = next(iter(self._stream(pieces, {}, {}, {}, 0)), None)
                         if last is None or not _size(last):
                             raise RuntimeError(f"rank {self.rank} decoded no sample in epoch {epoch} "
                                                f"(skipped: {dict(self._corrupt)}); check the shards with "

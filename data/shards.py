@@ -30,7 +30,10 @@ REASONS = {
     "bad_image": "the image is recognised but fails to decode (truncated or corrupt data)",
     "too_large": "the image exceeds the decompression-bomb pixel limit",
     "bad_label": "the .cls member is not an integer",
+    "no_label": "no .cls member, but the loader trains a classifier (num_classes is set)",
+    "label_out_of_range": "the .cls class id is outside [0, num_classes) (without num_classes: outside int64)",
 }
+_INT64 = 1 << 63  # labels are batched as int64: a larger class id could not even be collated
 
 # Same rule as webdataset's base_plus_ext: the key is the path up to the first dot of the basename,
 # so shards from wds.ShardWriter and from GNU tar of key.jpg/key.cls files group identically. As in
@@ -110,10 +113,15 @@ def _close(stream) -> None:
         pass
 
 
-def decode_sample(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image | None, int, str]:
+def decode_sample(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  num_classes: int | None = None) -> tuple[Image.Image | None, int, str]:
     """Decode one sample's image (RGB) and label; returns (image, label, "") or (None, -1, reason).
 
-    The label is -1 when the sample has no `.cls` member (pretraining needs none).
+    The label is -1 when the sample has no `.cls` member (pretraining needs none). With `num_classes`
+    a classifier is being trained: a missing `.cls` is `no_label` and a class id outside
+    [0, num_classes) is `label_out_of_range` (cross-entropy on CUDA dies of a device-side assert on
+    it, and indexing with a negative id silently wraps). Without `num_classes` only ids that do not
+    fit int64 are refused. Labels are checked before the image is opened: a bad one costs no decode.
     """
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -130,6 +138,11 @@ def decode_sample(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[I
             label = int(raw.decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
             return None, -1, "bad_label"
+        lo, hi = (0, num_classes) if num_classes is not None else (-_INT64, _INT64)
+        if not lo <= label < hi:
+            return None, -1, "label_out_of_range"
+    elif num_classes is not None:
+        return None, -1, "no_label"
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:

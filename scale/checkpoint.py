@@ -70,6 +70,7 @@ class CheckpointManager:
         self.dir = Path(output_dir) / "checkpoints"
         self.rank = rank
         self.last_saved: Path | None = None  # named in the message when a run has to stop
+        self.pinned: set[str] = set()  # tags rotation never deletes (the best checkpoint of a fine-tune)
 
     def due(self, step: int, final: bool) -> bool:
         """Whether to save after `step` optimizer steps."""
@@ -106,10 +107,10 @@ class CheckpointManager:
 
     def _rotate(self, keep: str) -> None:
         """Delete all but the newest `keep_last` complete tags, and unfinished tags older than `keep`."""
-        tags = complete_tags(self.dir)
-        doomed = tags[:-self.cfg.keep_last]
+        complete = complete_tags(self.dir)
+        doomed = [t for t in complete if t not in self.pinned][:-self.cfg.keep_last]
         doomed += [p.name for p in self.dir.iterdir()
-                   if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name < keep and p.name not in tags]
+                   if p.is_dir() and p.name.startswith(TAG_PREFIX) and p.name < keep and p.name not in complete]
         for name in doomed:
             shutil.rmtree(self.dir / name, ignore_errors=True)
 

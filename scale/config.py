@@ -1,7 +1,10 @@
 """Experiment configuration: kw-only dataclasses, YAML files and dotted CLI overrides.
 
-A run is described by one `PretrainConfig` tree. It is loaded from a YAML file under
-`configs/pretrain/`, then `section.key=value` words from the command line are laid over it.
+A run is described by one tree: `RunConfig` holds what every task shares (model, data, optim,
+schedule, checkpoint, log); `PretrainConfig` adds the method and its section (`simmim:`),
+`FinetuneConfig` the resolution stages and the classification recipe (`finetune:`). A tree is
+loaded from a YAML file under `configs/pretrain/` or `configs/finetune/`, then
+`section.key=value` words from the command line are laid over it.
 Every value is type-checked and every section validates itself in `__post_init__`, so a
 typo or an impossible shape fails in one line *before* DeepSpeed or the model is touched.
 The resolved tree is written to `<output_dir>/config.yaml` so a run can be reproduced.
@@ -13,12 +16,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "configs" / "pretrain" / "demo.yaml"
+FINETUNE_DEMO_CONFIG = REPO_ROOT / "configs" / "finetune" / "demo_progressive.yaml"
 
 
 class ConfigError(ValueError):
@@ -36,8 +40,11 @@ class ModelConfig:
     num_heads: list[int] | None = None
     window_size: int = 12
     drop_path_rate: float = 0.0
-    norm_target_patch_size: int | None = 47  # SimMIM target normalisation window (SwinV2 recipe: on)
     grad_checkpointing: bool = False  # recompute blocks in backward: trades ~1/3 more compute for memory
+    attn_backend: str = "auto"  # auto | fused | sequential | plain (models.ATTN_BACKENDS; same numerics)
+    # windows the log-CPB MLP learned at, per stage; null = none (pretraining) or, when fine-tuning, the
+    # pretrained run's (e.g. [12, 12, 12, 6] after 192/w12)
+    pretrained_window_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
         for key in ("img_size", "patch_size", "window_size"):
@@ -50,9 +57,8 @@ class ModelConfig:
         if self.depths is not None and self.num_heads is not None and len(self.depths) != len(self.num_heads):
             raise ConfigError(f"model.depths has {len(self.depths)} stages but model.num_heads has "
                               f"{len(self.num_heads)}; give one entry per stage in both")
-        if self.norm_target_patch_size is not None and self.norm_target_patch_size % 2 == 0:
-            raise ConfigError(f"model.norm_target_patch_size must be odd (centred window), "
-                              f"got {self.norm_target_patch_size}")
+        if self.attn_backend not in ("auto", "fused", "sequential", "plain"):
+            raise ConfigError(f"model.attn_backend must be auto, fused, sequential or plain, got {self.attn_backend!r}")
         stages = len(self.depths) if self.depths is not None else 4
         reduction = self.patch_size * 2 ** (stages - 1)
         if self.img_size % reduction:
@@ -65,29 +71,27 @@ class ModelConfig:
                                       f"{self.embed_dim * 2 ** i} (embed_dim * 2^{i})")
 
     def build_args(self) -> dict[str, Any]:
-        """Keyword arguments for `models.build_simmim`, leaving registry defaults alone."""
+        """Keyword arguments for `models.build_model` / `build_simmim`, leaving registry defaults alone."""
         args: dict[str, Any] = {"img_size": self.img_size, "patch_size": self.patch_size,
                                 "window_size": self.window_size, "drop_path_rate": self.drop_path_rate}
-        for key in ("embed_dim", "depths", "num_heads"):
+        for key in ("embed_dim", "depths", "num_heads", "pretrained_window_sizes"):
             if getattr(self, key) is not None:
                 args[key] = getattr(self, key)
+        if self.attn_backend != "auto":
+            args["attn_backend"] = self.attn_backend
         return args
 
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    """Where the shards are and how SimMIM masks are drawn."""
+    """Where the shards are and how they are read."""
     path: str = ""  # folder with train-*.tar, or a shard URL pattern; "" = the demo shards
-    mask_patch_size: int = 32
-    mask_ratio: float = 0.6
     num_workers: int = 2
     resampled: bool = False  # sample shards with replacement (infinite stream, for many nodes)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"data.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.mask_patch_size < 1 or self.num_workers < 0:
-            raise ConfigError("data.mask_patch_size must be >= 1 and data.num_workers >= 0")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -177,15 +181,14 @@ class LogConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class PretrainConfig:
-    """The whole run. `name` comes from the YAML file name and sets the default output dir."""
-    name: str = "pretrain"
+class RunConfig:
+    """What every run has, whatever its task. `name` comes from the YAML file name and sets the default output dir."""
+    name: str = "run"
     output_dir: str = ""  # "" = output/<name>
     seed: int = 0
     resume: str = "auto"  # auto | none | path to a checkpoint dir (or a tag inside it)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -196,16 +199,6 @@ class PretrainConfig:
             self.output_dir = str(Path("output") / self.name)
         if not self.resume:
             raise ConfigError("resume must be auto, none or a checkpoint path")
-        m, d = self.model, self.data
-        if d.mask_patch_size % m.patch_size or m.img_size % d.mask_patch_size:
-            raise ConfigError(f"data.mask_patch_size={d.mask_patch_size} must be a multiple of model.patch_size="
-                              f"{m.patch_size} and divide model.img_size={m.img_size}")
-        if m.norm_target_patch_size is not None and m.norm_target_patch_size > m.img_size:
-            raise ConfigError(f"model.norm_target_patch_size={m.norm_target_patch_size} exceeds "
-                              f"model.img_size={m.img_size}")
-        if self.schedule.warmup_epochs > self.train.epochs:
-            raise ConfigError(f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds "
-                              f"train.epochs={self.train.epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe), e.g. for the resolved config and checkpoints."""
@@ -215,6 +208,162 @@ class PretrainConfig:
         """Write the resolved config as YAML; reloading it with `load_config` gives the same tree."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining: the method and its section.
+
+PRETRAIN_METHODS = ("simmim",)
+
+
+@dataclass(kw_only=True, slots=True)
+class MethodConfig:
+    """Which self-supervised method pretrains the encoder (its settings live in the section of that name)."""
+    name: str = "simmim"
+
+    def __post_init__(self) -> None:
+        if self.name not in PRETRAIN_METHODS:
+            raise ConfigError(f"method.name={self.name!r} is not a pretraining method; choose one of "
+                              f"{', '.join(PRETRAIN_METHODS)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class SimMIMConfig:
+    """SimMIM: which patches are masked and how the pixel target is normalised."""
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    norm_target_patch_size: int | None = 47  # per-pixel target normalisation window (SwinV2 recipe: on)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"simmim.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_patch_size < 1:
+            raise ConfigError(f"simmim.mask_patch_size must be >= 1, got {self.mask_patch_size}")
+        if self.norm_target_patch_size is not None and self.norm_target_patch_size % 2 == 0:
+            raise ConfigError(f"simmim.norm_target_patch_size must be odd (centred window), "
+                              f"got {self.norm_target_patch_size}")
+
+
+@dataclass(kw_only=True, slots=True)
+class PretrainConfig(RunConfig):
+    """A pretraining run (`run_pretrain.py`)."""
+    name: str = "pretrain"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+
+    # keys of the SimMIM settings before they had a section of their own; old YAMLs and overrides keep working
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"data.mask_patch_size": "simmim.mask_patch_size",
+                                            "data.mask_ratio": "simmim.mask_ratio",
+                                            "model.norm_target_patch_size": "simmim.norm_target_patch_size"}
+
+    def __post_init__(self) -> None:
+        RunConfig.__post_init__(self)
+        m, sm = self.model, self.simmim
+        if sm.mask_patch_size % m.patch_size or m.img_size % sm.mask_patch_size:
+            raise ConfigError(f"simmim.mask_patch_size={sm.mask_patch_size} (data.mask_patch_size) must be a "
+                              f"multiple of model.patch_size={m.patch_size} and divide model.img_size={m.img_size}")
+        if sm.norm_target_patch_size is not None and sm.norm_target_patch_size > m.img_size:
+            raise ConfigError(f"simmim.norm_target_patch_size={sm.norm_target_patch_size} exceeds "
+                              f"model.img_size={m.img_size}")
+        if self.schedule.warmup_epochs > self.train.epochs:
+            raise ConfigError(f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds "
+                              f"train.epochs={self.train.epochs}")
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning: resolution stages and the classification recipe.
+
+@dataclass(kw_only=True, slots=True)
+class StageConfig:
+    """One resolution of a progressive fine-tune. Length in `epochs` of the train split, or `steps`."""
+    img_size: int
+    window_size: int
+    epochs: float = 0.0
+    steps: int = 0  # > 0: optimizer steps instead of epochs
+    micro_batch: int | str = "auto"  # images per rank per forward; auto = the largest the memory plan allows
+    lr: float | None = None  # peak LR per 512 images for this stage (the schedule's shape continues); null = optim.lr
+
+    def __post_init__(self) -> None:
+        if (self.epochs > 0) == (self.steps > 0) or self.epochs < 0 or self.steps < 0:
+            raise ConfigError(f"a stage needs exactly one of epochs > 0 or steps > 0, got epochs={self.epochs} "
+                              f"steps={self.steps}")
+        if isinstance(self.micro_batch, str) and self.micro_batch != "auto":
+            raise ConfigError(f"micro_batch must be an integer >= 1 or auto, got {self.micro_batch!r}")
+        if isinstance(self.micro_batch, int) and self.micro_batch < 1:
+            raise ConfigError(f"micro_batch must be >= 1 or auto, got {self.micro_batch}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr must be > 0 (or null for optim.lr), got {self.lr}")
+
+
+@dataclass(kw_only=True, slots=True)
+class FinetuneTrainConfig:
+    """Batch, length cap and precision of a fine-tune; the micro-batch is set per stage."""
+    global_batch_size: int = 1024  # images per optimizer step over all ranks, kept through every stage
+    max_steps: int = 0  # > 0: train this many optimizer steps in all, every stage shortened in proportion
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    max_nonfinite_in_row: int = 5
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1 or self.max_steps < 0 or self.max_nonfinite_in_row < 1:
+            raise ConfigError("train.global_batch_size and train.max_nonfinite_in_row must be >= 1, "
+                              "train.max_steps >= 0")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class FinetuneSection:
+    """The classification recipe: labels, augmentation, layer decay, weight EMA, evaluation."""
+    num_classes: int = 0  # 0 = the data set's (index.json)
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # alpha; 0 = off
+    cutmix: float = 1.0  # alpha; 0 = off
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; "" = off
+    re_prob: float = 0.25  # random erasing
+    layer_decay: float = 1.0  # LR x decay^(num_layers - 1 - layer id) (Microsoft's rule); 1 = off
+    ema_decay: float = 0.0  # EMA of the weights, kept in fp32; 0 = off, e.g. 0.9999
+    val_path: str = ""  # "" = the val split of data.path
+    eval_crop_pct: float = 0.875
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 0:
+            raise ConfigError(f"finetune.num_classes must be >= 0 (0 = from the data set), got {self.num_classes}")
+        if not 0.0 <= self.label_smoothing < 1.0 or self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("finetune.label_smoothing must be in [0, 1), finetune.mixup and finetune.cutmix >= 0")
+        if not 0.0 <= self.re_prob <= 1.0:
+            raise ConfigError(f"finetune.re_prob must be in [0, 1], got {self.re_prob}")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"finetune.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"finetune.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if not 0.0 < self.eval_crop_pct <= 1.0:
+            raise ConfigError(f"finetune.eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+
+
+@dataclass(kw_only=True, slots=True)
+class FinetuneConfig(RunConfig):
+    """A progressive-resolution fine-tune (`run_finetune.py`). `model.img_size`/`window_size` follow stage 1."""
+    name: str = "finetune"
+    pretrained: str = ""  # what to start from (also --pretrained); "" = random init
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    def __post_init__(self) -> None:
+        RunConfig.__post_init__(self)
+        if not self.stages:
+            raise ConfigError("stages is empty: give at least one {img_size, window_size, epochs or steps}")
+        self.model.img_size, self.model.window_size = self.stages[0].img_size, self.stages[0].window_size
+        for i, stage in enumerate(self.stages):
+            try:  # every stage's shape must pass the model's rules
+                dataclasses.replace(self.model, img_size=stage.img_size, window_size=stage.window_size)
+            except ConfigError as e:
+                raise ConfigError(f"stages[{i}]: {e}") from None
+        warmup_budget = sum(s.epochs for s in self.stages)
+        if warmup_budget and self.schedule.warmup_epochs > warmup_budget:
+            raise ConfigError(f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds the stages' "
+                              f"{warmup_budget} epochs")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +392,8 @@ def _check_value(value: Any, hint: Any, key: str) -> Any:
             value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list of {item.__name__}, got {value!r}")
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
@@ -320,12 +471,26 @@ def parse_overrides(words: list[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
-    """Load YAML `path` (the demo when None), apply dotted overrides, validate everything.
+def _move_keys(tree: dict[str, Any], moved: dict[str, str]) -> None:
+    """Rewrite old dotted keys of `tree` to their new place (`moved`: old -> new)."""
+    for old, new in moved.items():
+        *parents, leaf = old.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            _set_dotted(tree, new, node.pop(leaf))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[RunConfig] = PretrainConfig, default: Path = DEMO_CONFIG) -> Any:
+    """Load YAML `path` (`default`, the demo, when None), apply dotted overrides, validate into `schema`.
 
     Raises ConfigError with a one-line message on any mistake.
     """
-    path = Path(path) if path is not None else DEMO_CONFIG
+    path = Path(path) if path is not None else default
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder: give a YAML file, e.g. {default}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -335,16 +500,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     tree.setdefault("name", path.stem)
+    moved = getattr(schema, "MOVED_KEYS", {})
+    _move_keys(tree, moved)
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    return _build(PretrainConfig, tree, "")
+        _set_dotted(tree, moved.get(key, key), value)
+    return _build(schema, tree, "")
 
 
-def check_model_name(cfg: PretrainConfig) -> None:
+def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
+    """`load_config` for `run_finetune.py`: the fine-tuning schema, the progressive demo by default."""
+    return load_config(path, overrides, schema=FinetuneConfig, default=FINETUNE_DEMO_CONFIG)
+
+
+def check_model_name(cfg: RunConfig) -> None:
     """Fail early, before DeepSpeed starts, on a model the registry cannot build.
 
-    Checks `model.name` and dry-builds the SimMIM model on the meta device (no memory, ~1 s
-    for SwinV2-G), so every shape rule the model enforces is reported here in one line.
+    Checks `model.name` and dry-builds the encoder on the meta device (no memory, ~1 s for
+    SwinV2-G), so every shape rule the model enforces is reported here in one line.
     """
     import models  # local: config parsing itself must not need torch-heavy imports
 
@@ -352,13 +524,12 @@ def check_model_name(cfg: PretrainConfig) -> None:
     if cfg.model.name not in names:
         raise ConfigError(f"model.name={cfg.model.name!r} is not registered; choose one of {', '.join(names)}")
     try:
-        models.build_simmim(cfg.model.name, norm_target_patch_size=cfg.model.norm_target_patch_size,
-                            device="meta", **cfg.model.build_args())
+        models.build_model(cfg.model.name, num_classes=0, device="meta", **cfg.model.build_args())
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
 
 
-def check_data_path(cfg: PretrainConfig) -> None:
+def check_data_path(cfg: RunConfig) -> None:
     """A local `data.path` must exist (URLs, `pipe:` commands and brace patterns are checked by the loader)."""
     path = cfg.data.path
     if not path or "{" in path or path.startswith("pipe:") or ":" in path.split("/")[0]:

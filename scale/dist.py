@@ -65,6 +65,18 @@ def map_launcher_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return added
 
 
+def local_world_size(environ: dict[str, str] | None = None) -> int:
+    """Ranks on this machine, sharing its memory: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's
+    LOCAL_SIZE, or SLURM's tasks on this node ('2(x3)' style lists give the first node's)."""
+    env = os.environ if environ is None else environ
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if key in env:
+            return int(env[key])
+    if "SLURM_TASKS_PER_NODE" in env:
+        return int(re.match(r"\d+", env["SLURM_TASKS_PER_NODE"]).group())
+    return 1
+
+
 def init_distributed() -> DistInfo:
     """Create the process group (NCCL on GPU, gloo on CPU, chosen by DeepSpeed) and pick the device."""
     import deepspeed

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scale.config import ConfigError, PretrainConfig
+from scale.config import ConfigError, RunConfig
 
 AUTO = "auto"
 
@@ -22,6 +22,14 @@ def resolve_precision(requested: str, cuda: bool) -> str:
     if requested == "auto":
         return "bf16" if cuda else "fp32"
     return requested
+
+
+def planned_precision(raw: dict[str, Any], requested: str, cuda: bool) -> str:
+    """'bf16' or 'fp32', as `fill_ds_config` will settle it: the YAML's choice, or the JSON's when the YAML says auto."""
+    enabled = raw.get("bf16", {}).get("enabled", AUTO)
+    if requested == "auto" and enabled != AUTO:
+        return "bf16" if enabled else "fp32"  # the JSON decides when the YAML does not
+    return resolve_precision(requested, cuda)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -50,8 +58,8 @@ def _fill(section: dict[str, Any], key: str, value: Any, where: str, clashes: li
         clashes.append(f"{where}={current!r} but the YAML gives {value!r}")
 
 
-def fill_ds_config(raw: dict[str, Any], cfg: PretrainConfig, *, world_size: int, cuda: bool,
-                   peak_lr: float) -> dict[str, Any]:
+def fill_ds_config(raw: dict[str, Any], cfg: RunConfig, *, world_size: int, cuda: bool, peak_lr: float,
+                   micro_batch: int | None = None, grad_accum_steps: int | None = None) -> dict[str, Any]:
     """Return a copy of `raw` with every run-dependent value filled from `cfg`.
 
     Args:
@@ -60,16 +68,19 @@ def fill_ds_config(raw: dict[str, Any], cfg: PretrainConfig, *, world_size: int,
         world_size: number of data-parallel ranks (sets train_batch_size).
         cuda: whether a GPU is in use (bf16 "auto", torch_adam "auto").
         peak_lr: the scaled base LR put into the optimizer section (the schedule rewrites it per group).
+        micro_batch, grad_accum_steps: the batch shape to start with; default `cfg.train`'s (a fine-tune
+            sets them per stage and passes its first stage's).
     Raises:
         ConfigError listing every contradiction between the JSON and the YAML.
     """
     ds = copy.deepcopy(raw)
     clashes: list[str] = []
     t, o = cfg.train, cfg.optim
-    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train_micro_batch_size_per_gpu", clashes)
-    _fill(ds, "gradient_accumulation_steps", t.grad_accum_steps, "gradient_accumulation_steps", clashes)
-    _fill(ds, "train_batch_size", t.micro_batch_size * t.grad_accum_steps * world_size, "train_batch_size",
-          clashes)
+    micro = t.micro_batch_size if micro_batch is None else micro_batch
+    accum = t.grad_accum_steps if grad_accum_steps is None else grad_accum_steps
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "train_micro_batch_size_per_gpu", clashes)
+    _fill(ds, "gradient_accumulation_steps", accum, "gradient_accumulation_steps", clashes)
+    _fill(ds, "train_batch_size", micro * accum * world_size, "train_batch_size", clashes)
 
     # DeepSpeed >= 0.19.3 silently clips at 1.0 when the key is missing, so it must be explicit.
     if o.clip_grad is not None:
@@ -78,13 +89,11 @@ def fill_ds_config(raw: dict[str, Any], cfg: PretrainConfig, *, world_size: int,
         raise ConfigError("gradient_clipping is not set: put a number in the ds_config or set optim.clip_grad "
                           "(DeepSpeed would otherwise clip at 1.0 without saying so)")
 
-    precision = resolve_precision(t.precision, cuda)
+    precision = planned_precision(ds, t.precision, cuda)
     if ds.get("fp16", {}).get("enabled") is True:
         clashes.append("fp16.enabled=true: this trainer supports bf16 or fp32 only (fp16 needs loss scaling)")
     bf16 = ds.setdefault("bf16", {})
-    if t.precision == "auto" and bf16.get("enabled", AUTO) != AUTO:
-        precision = "bf16" if bf16["enabled"] else "fp32"  # the JSON decides when the YAML does not
-    else:
+    if t.precision != "auto" or bf16.get("enabled", AUTO) == AUTO:
         _fill(bf16, "enabled", precision == "bf16", "bf16.enabled", clashes)
 
     if "scheduler" in ds:

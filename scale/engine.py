@@ -1,26 +1,24 @@
-"""The DeepSpeed engine around a SimMIM model: build (partitioned for ZeRO-3), step, guard, reconstruct.
+"""The DeepSpeed engine around any model whose forward returns its loss: build, step, guard, evaluate.
 
-`build_engine` fixes the order that matters: seed -> model under `zero.Init` (stage 3 never
-materialises the full model on one rank) -> activation checkpointing -> param groups (shapes
-from `ds_shape`) -> `deepspeed.initialize`. `PretrainEngine.micro_step` runs one forward and
-backward and agrees with the other ranks on whether the loss was finite before touching the
-gradients, so a bad batch on one rank skips the step on every rank instead of hanging ZeRO.
+The engine knows no task. A task builds its module (inside `partitioned(ds)`, so ZeRO-3 never
+materialises the full model on one rank), turns a batch into the module's forward arguments,
+and computes its loss inside `forward` (where ZeRO-3 gathers the parameters). `build_engine`
+fixes the order that matters: model -> param groups (shapes from `ds_shape`) ->
+`deepspeed.initialize`. `Engine.micro_step` runs one forward and backward and agrees with the
+other ranks on whether the loss was finite before touching the gradients, so a bad batch on
+one rank skips the step on every rank instead of hanging ZeRO.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-import data
-from scale.config import PretrainConfig
 from scale.dist import DistInfo
 from scale.ds_config import precision_of, zero_stage
-from scale.param_groups import build_param_groups
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,80 +48,86 @@ class NonFiniteGuard:
                 f"(lower optim.lr or raise schedule.warmup_epochs, then resume=<that path>)")
 
 
-def build_simmim(cfg: PretrainConfig, ds: dict[str, Any]) -> nn.Module:
-    """The SimMIM model of `cfg`; under ZeRO-3 built inside `zero.Init` so it is partitioned on creation."""
+def partitioned(ds: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Build modules inside this: under ZeRO-3 each parameter is partitioned as it is created."""
     import deepspeed
-    import models
 
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
-        model = models.build_simmim(cfg.model.name, norm_target_patch_size=cfg.model.norm_target_patch_size,
-                                    **cfg.model.build_args())
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
+    return deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3)
 
 
 @dataclass
 class StepResult:
-    """What one micro-step produced: the rank-averaged loss, or None when the step was skipped."""
+    """What one micro-step produced: the rank-averaged loss (None when skipped) and any other scalars
+    the module returned next to `loss` (rank-averaged too, e.g. accuracy)."""
     loss: float | None
+    extras: dict[str, float] = field(default_factory=dict)
 
 
-class PretrainEngine:
+class Engine:
     """A thin layer over `deepspeed.DeepSpeedEngine` with the trainer's step semantics."""
 
-    def __init__(self, engine: Any, info: DistInfo, precision: str,
-                 mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> None:
+    def __init__(self, engine: Any, info: DistInfo, precision: str) -> None:
         self.engine = engine
         self.info = info
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        # uint8 batches (data.SimMIMTransform) are normalised here; kept on the device so no step copies them
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=info.device)
-        self.std = torch.tensor(std, dtype=torch.float32, device=info.device)
         self.zero3 = engine.zero_optimization_stage() == 3
         self.overflow_skips = 0
+        self.grad_accum_steps = engine.gradient_accumulation_steps()
+        self._accumulated = 0  # finite micro-steps since the last optimizer step
+
+    @property
+    def module(self) -> nn.Module:
+        """The task's module (partitioned under ZeRO-3)."""
+        return self.engine.module
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's groups, where the LR schedule writes each step's LR."""
         return self.engine.optimizer.param_groups
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch["image"].to(self.info.device, non_blocking=True)
-        if images.dtype == torch.uint8:
-            # normalised in float32 and then cast: the values the float loader path used to produce
-            images = data.normalize_images(images, self.mean, self.std)
-        # DeepSpeed casts module weights to bf16 but not inputs, so cast images here
-        images = images.to(self.dtype)
-        mask = batch["mask"].to(self.info.device, non_blocking=True)
-        return images, mask
+    def set_batch(self, micro_batch: int, grad_accum_steps: int) -> None:
+        """Change micro-batch and accumulation between optimizer steps (a new fine-tuning stage)."""
+        if self._accumulated:
+            raise RuntimeError("set_batch inside an accumulation window: call it between optimizer steps")
+        self.engine.set_train_micro_batch_size(micro_batch)
+        self.engine.set_train_batch_size(micro_batch * grad_accum_steps * self.info.world_size)
+        if hasattr(self.engine.optimizer, "gradient_accumulation_steps"):  # ZeRO's offload path reads its own copy
+            self.engine.optimizer.gradient_accumulation_steps = grad_accum_steps
+        self.grad_accum_steps = grad_accum_steps
 
-    def micro_step(self, batch: dict[str, Any]) -> StepResult:
-        """Forward + backward + `engine.step()` (which only updates at accumulation boundaries).
+    def micro_step(self, inputs: tuple | dict[str, Any]) -> StepResult:
+        """Forward (`module(*inputs)` or `module(**inputs)`) + backward + `engine.step()`.
 
-        If the loss is non-finite on *any* rank, all ranks skip backward and step together: the
-        gradients stay clean, and no rank waits in a collective the others never enter.
+        The module returns its loss, or a dict with `loss` and other scalars to log. The optimizer
+        updates after `grad_accum_steps` finite micro-steps. If the loss is non-finite on *any*
+        rank, all ranks skip backward and step together: the gradients stay clean, and no rank
+        waits in a collective the others never enter.
         """
         import deepspeed.comm as dist
 
-        images, mask = self._inputs(batch)
-        loss = self.engine(images, mask)
-        if isinstance(loss, dict):
-            loss = loss["loss"]
+        # The boundary is set explicitly rather than left to DeepSpeed's micro-step counter modulo the
+        # accumulation: skipped micro-steps and a change of accumulation between stages would shift it.
+        boundary = self._accumulated + 1 == self.grad_accum_steps
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        out = self.engine(**inputs) if isinstance(inputs, dict) else self.engine(*inputs)
+        loss, extras = (out["loss"], {k: v for k, v in out.items() if k != "loss"}) if isinstance(out, dict) \
+            else (out, {})
         detached = loss.detach().float()
         finite = torch.isfinite(detached)
-        stats = torch.stack([torch.where(finite, detached, torch.zeros_like(detached)), (~finite).float()])
-        dist.all_reduce(stats)  # [sum of finite losses, number of ranks with a non-finite loss]
-        loss_sum, bad_ranks = stats.tolist()
+        stats = torch.stack([torch.where(finite, detached, torch.zeros_like(detached)), (~finite).float(),
+                             *(torch.as_tensor(v, dtype=torch.float32, device=detached.device).detach()
+                               for v in extras.values())])
+        dist.all_reduce(stats)  # [sum of finite losses, ranks with a non-finite loss, sums of the extras]
+        loss_sum, bad_ranks, *extra_sums = stats.tolist()
         if bad_ranks > 0:
             return StepResult(loss=None)
         self.engine.backward(loss)
-        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
+        self._accumulated = 0 if boundary else self._accumulated + 1
         if boundary and not self.engine.was_step_applied():
             self.overflow_skips += 1  # bf16/fp16 overflow: DeepSpeed skipped the update silently
-        return StepResult(loss=loss_sum / self.info.world_size)
+        world = self.info.world_size
+        return StepResult(loss=loss_sum / world, extras={k: v / world for k, v in zip(extras, extra_sums)})
 
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last update (before clipping), if DeepSpeed computed one."""
@@ -132,41 +136,34 @@ class PretrainEngine:
             return None
         return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
-    @torch.no_grad()
-    def reconstruct(self, batch: dict[str, Any], num_images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, mask, prediction) for the first `num_images` of `batch`. Collective under ZeRO-3.
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[nn.Module]:
+        """The module in eval mode without autograd, its own top-level parameters gathered. Collective.
 
-        Runs in eval mode so drop path draws no random numbers: logging images must not change
-        the training RNG stream (resume would otherwise differ from an uninterrupted run).
+        Eval mode, so drop path draws no random numbers: evaluating or drawing images must not
+        change the training RNG stream (resume would otherwise differ from an uninterrupted run).
+        A call that is not `forward()` (e.g. SimMIM's `reconstruct`) does not trigger ZeRO-3's
+        hooks for the top module's own parameters (mask_token), so those are gathered here;
+        submodules still fetch themselves.
         """
         import deepspeed
 
-        module = self.engine.module
-        images, mask = self._inputs({k: batch[k][:num_images] for k in ("image", "mask")})
-        # reconstruct() is not forward(), so ZeRO-3's forward hooks do not fetch the top module's own
-        # parameters (mask_token); gather those explicitly (submodules still fetch themselves)
+        module = self.module
         own = list(module.parameters(recurse=False))
         gather = deepspeed.zero.GatheredParameters(own) if self.zero3 and own else contextlib.nullcontext()
         was_training = module.training
         module.eval()
         try:
-            with gather:
-                prediction = module.reconstruct(images, mask)
+            with torch.no_grad(), gather:
+                yield module
         finally:
             module.train(was_training)
-        return images, mask, prediction
 
 
-def build_engine(cfg: PretrainConfig, ds: dict[str, Any], info: DistInfo,
-                 mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> tuple[PretrainEngine, nn.Module]:
-    """Build model and DeepSpeed engine from a filled ds_config. Returns (engine wrapper, model).
-
-    `mean` / `std` normalise uint8 batches on the device (pass the SimMIMTransform's).
-    """
+def build_engine(model: nn.Module, param_groups: list[dict[str, Any]], ds: dict[str, Any],
+                 info: DistInfo) -> Engine:
+    """Wrap `model` (built inside `partitioned(ds)`) and its optimizer groups in a DeepSpeed engine."""
     import deepspeed
 
-    model = build_simmim(cfg, ds)
-    groups = build_param_groups(model, cfg.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
-    return PretrainEngine(engine, info, precision_of(ds), mean, std), model
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups, config=ds)
+    return Engine(engine, info, precision_of(ds))

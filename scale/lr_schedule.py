@@ -35,6 +35,8 @@ class LRSchedule:
         steps_per_epoch = self.total_steps / epochs
         self.warmup_steps = min(self.total_steps, round(cfg.warmup_epochs * steps_per_epoch))
         self.milestones = sorted(round(m * steps_per_epoch) for m in cfg.milestones)
+        # a fine-tuning stage with its own peak LR scales the curve while it runs; the curve's shape continues
+        self.lr_factor = 1.0
 
     def lr_at(self, step: int) -> float:
         """LR for the optimizer update that follows `step` completed updates (0-based)."""
@@ -48,7 +50,7 @@ class LRSchedule:
 
     def apply(self, param_groups: Iterable[dict[str, Any]], step: int) -> float:
         """Write the LR for `step` into every group (times its `lr_scale`); return the unscaled LR."""
-        lr = self.lr_at(step)
+        lr = self.lr_at(step) * self.lr_factor
         for group in param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr

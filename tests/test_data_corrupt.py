@@ -149,8 +149,13 @@ def test_resume_around_corrupt_samples_and_padding(tmp_path):
             head.append(b["__key__"])
             if len(head) == k:
                 break
-        resumed = ShardLoader(tmp_path / "s", to_tensor, 4, **kw)
-        resumed.load_state_dict(first.state_dict())
-        got = head + epoch_keys(resumed)
-        assert len(got) == len(reference) and got[:unpadded] == reference[:unpadded], k
-        assert {x for b in got for x in b} == {x for b in reference for x in b}, k
+        for num_workers in (2, 1):  # same workers: the exact order; another count: the same samples
+            resumed = ShardLoader(tmp_path / "s", to_tensor, 4, **{**kw, "num_workers": num_workers})
+            resumed.load_state_dict(first.state_dict())
+            got = head + epoch_keys(resumed)
+            assert len(got) == len(reference), (k, num_workers)
+            if num_workers == 2:
+                assert got[:unpadded] == reference[:unpadded], k
+            assert {x for b in got for x in b} == {x for b in reference for x in b}, (k, num_workers)
+            # Read errors too (truncated, unreadable shards) are counted once across the resume.
+            assert resumed.corrupt_counts() == expected and resumed.padded == full.padded, (k, num_workers)

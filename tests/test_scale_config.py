@@ -39,7 +39,7 @@ def test_interface_override_keys():
 
 def test_override_types_are_converted_and_checked():
     cfg = load_config(None, ["optim.lr=3e-4", "model.depths=[1,1,1,1]", "model.norm_target_patch_size=null"])
-    assert cfg.optim.lr == 3e-4 and cfg.model.depths == [1, 1, 1, 1] and cfg.model.norm_target_patch_size is None
+    assert cfg.optim.lr == 3e-4 and cfg.model.depths == [1, 1, 1, 1] and cfg.simmim.norm_target_patch_size is None
     with pytest.raises(ConfigError, match="train.max_steps must be an integer"):
         load_config(None, ["train.max_steps=ten"])
     with pytest.raises(ConfigError, match="model.grad_checkpointing must be true or false"):
@@ -50,7 +50,7 @@ def test_override_types_are_converted_and_checked():
     ("train.max_stpes=5", "unknown config key train.max_stpes"),
     ("bogus=1", "unknown config key bogus"),
     ("model.img_size=100", "model.img_size=100 must be divisible"),
-    ("data.mask_patch_size=24", "data.mask_patch_size=24"),
+    ("data.mask_patch_size=24", "simmim.mask_patch_size=24"),
     ("model.num_heads=[1,2,4]", "model.depths has 4 stages but model.num_heads has 3"),
     ("model.num_heads=[3,2,4,8]", "model.num_heads[0]=3 does not divide"),
     ("train.precision=fp16", "train.precision must be auto, bf16 or fp32"),

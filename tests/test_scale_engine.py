@@ -38,9 +38,10 @@ def worker(out_dir: str) -> None:
     from scale.config import load_config
     from scale.dist import init_distributed, seed_everything
     from scale.ds_config import fill_ds_config, load_ds_config
-    from scale.engine import NonFiniteGuard, NonFiniteLossError, build_engine
+    from scale.engine import NonFiniteGuard, NonFiniteLossError, build_engine, partitioned
     from scale.lr_schedule import build_lr_schedule
     from scale.param_groups import no_decay_names
+    from scale.tasks import build_task
 
     cfg = load_config(None, TINY + [f"output_dir={out_dir}", "optim.lr=0.05"])
     ds = fill_ds_config(load_ds_config(REPO_ROOT / "ds_configs" / "zero3.json"), cfg, world_size=2, cuda=False,
@@ -49,7 +50,10 @@ def worker(out_dir: str) -> None:
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     info = init_distributed()
     seed_everything(0)
-    engine, model = build_engine(cfg, ds, info)
+    task = build_task("simmim", cfg, info)
+    with partitioned(ds):
+        model = task.build_model()
+    engine = build_engine(model, task.param_groups(model), ds, info)
 
     # 1. param groups from ds_shape on empty partitioned parameters
     params = dict(model.named_parameters())
@@ -80,13 +84,13 @@ def worker(out_dir: str) -> None:
     if info.rank == 1:
         bad["image"][0, 0, 0, 0] = float("nan")
     guard = NonFiniteGuard(max_in_row=2)
-    result = engine.micro_step(bad)
+    result = engine.micro_step(task.inputs(bad, engine))
     assert result.loss is None, f"rank {info.rank} did not skip"
     guard.update(result.loss is not None, step=1)
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
 
     # 4. a good batch updates, and resets the guard's streak
-    result = engine.micro_step(_batch(2 + info.rank))
+    result = engine.micro_step(task.inputs(_batch(2 + info.rank), engine))
     assert result.loss is not None and torch.isfinite(torch.tensor(result.loss))
     guard.update(True, step=1)
     assert (guard.in_row, guard.total) == (0, 1)
@@ -102,13 +106,12 @@ def worker(out_dir: str) -> None:
         assert "/ckpt/step_1" in str(e) and "2 non-finite losses in a row" in str(e)
 
     # 6. reconstruction for TensorBoard works on partitioned weights, in eval mode, as a collective
-    images, mask, prediction = engine.reconstruct(_batch(9), 2)
+    images, mask, prediction = task.reconstruct(engine, _batch(9), 2)
     assert prediction.shape == images.shape == (2, 3, 32, 32) and engine.engine.module.training
 
     # 7. checkpoint, then the encoder's features on a fixed input (all ranks run the forward)
     ckpt = CheckpointManager(cfg.checkpoint, out_dir, rank=info.rank)
-    meta = {"step": 1, "config": cfg.to_dict(), "model_args": {
-        "name": cfg.model.name, "norm_target_patch_size": cfg.model.norm_target_patch_size, **cfg.model.build_args()}}
+    meta = {"step": 1, "config": cfg.to_dict(), "model_args": task.model_args()}
     ckpt.save(engine.engine, 1, client_state={"step": 1}, rank_state={}, meta=meta)
     module = engine.engine.module
     module.eval()

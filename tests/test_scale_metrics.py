@@ -4,8 +4,7 @@ import json
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from scale.metrics import (PEAK_BF16_FLOPS, FileLogger, MetricsProcessor, device_peak_flops, format_duration,
-                           reconstruction_grid)
+from scale.metrics import PEAK_BF16_FLOPS, FileLogger, MetricsProcessor, device_peak_flops, format_duration
 
 
 def test_processor_logs_on_cadence_and_writes_files(tmp_path):
@@ -31,30 +30,5 @@ def test_no_mfu_without_a_known_peak():
     assert PEAK_BF16_FLOPS["H100"] == 989e12
 
 
-def test_reconstruction_grid_layout():
-    b, h = 2, 32
-    images = torch.zeros(b, 3, h, h)
-    recon = torch.ones(b, 3, h, h) * 5  # far out of range: clamped
-    mask = torch.zeros(b, h // 4, h // 4)
-    mask[:, :4] = 1  # top half masked
-    grid = reconstruction_grid(images, mask, recon, [0.5] * 3, [0.25] * 3)
-    assert grid.shape == (3, b * h, 3 * h)
-    assert 0 <= grid.min() and grid.max() <= 1
-    # masked input is grey on the masked half; reconstruction shows the prediction only there
-    assert torch.allclose(grid[:, :16, h:2 * h], torch.full((3, 16, h), 0.5))
-    assert torch.allclose(grid[:, :16, 2 * h:], torch.ones(3, 16, h))
-    assert torch.allclose(grid[:, 16:h, 2 * h:], torch.full((3, 16, h), 0.5))
-
-
 def test_format_duration():
     assert format_duration(3723) == "1h02m03s" and format_duration(59) == "0m59s"
-
-
-def test_denormalize_inverts_target_normalisation():
-    from models.simmim import normalize_targets
-    from scale.metrics import denormalize_prediction
-
-    images = torch.randn(2, 3, 32, 32)
-    targets = normalize_targets(images, 15)
-    torch.testing.assert_close(denormalize_prediction(targets, images, 15), images, rtol=1e-4, atol=1e-4)
-    assert denormalize_prediction(targets, images, None) is targets
