@@ -97,6 +97,21 @@ class SimMIM(nn.Module):
         """Name keywords of parameters trained without weight decay (1-D parameters come on top)."""
         return self.encoder.no_weight_decay() | {"mask_token"}
 
+    @property
+    def num_layers(self) -> int:
+        """Depth groups of layer-wise LR decay, the encoder's (see SwinTransformerV2.num_layers)."""
+        return self.encoder.num_layers
+
+    def layer_id(self, param_name: str) -> int:
+        """Layer-wise LR decay group: the encoder's for `encoder.*`, 0 for the mask token, last for the decoder."""
+        if param_name.startswith("encoder."):
+            return self.encoder.layer_id(param_name.removeprefix("encoder."))
+        if param_name == "mask_token":
+            return 0  # it replaces patch embeddings, so it sits with them
+        if param_name.startswith("decoder."):
+            return self.num_layers - 1
+        raise ValueError(f"{param_name!r} is not a SimMIM parameter name (encoder.*, mask_token, decoder.*)")
+
 
 def build_simmim(name: str, norm_target_patch_size: Optional[int] = None, **overrides: Any) -> SimMIM:
     """SimMIM around the registered SwinV2 `name`; overrides go to the encoder (num_classes is 0)."""

@@ -284,11 +284,12 @@ class WindowAttention(nn.Module):
         """Rebuild the coordinate table and index for a new window; the CPB MLP is kept."""
         self.window = window
         self.pretrained_window = pretrained_window
+        # built on the CPU even inside `with torch.device("meta")`, then moved to the parameters' device
+        with torch.device("cpu"):
+            coords, index = log_cpb_coords(window, pretrained_window), relative_position_index(window)
         device = self.q_bias.device
-        self.register_buffer("relative_coords_table", log_cpb_coords(window, pretrained_window).to(device),
-                             persistent=False)
-        self.register_buffer("relative_position_index", relative_position_index(window).to(device),
-                             persistent=False)
+        self.register_buffer("relative_coords_table", coords.to(device), persistent=False)
+        self.register_buffer("relative_position_index", index.to(device), persistent=False)
 
     def position_bias(self) -> torch.Tensor:
         """(heads, N, N) log-CPB bias, 16 * sigmoid(MLP(coords)) gathered per token pair."""
@@ -394,21 +395,25 @@ class SwinTransformerV2Block(nn.Module):
         self.shift = shift if self.shifted else (0, 0)
         self.padded = tuple(math.ceil(r / w) * w for r, w in zip(resolution, self.window))
         self.attn.set_window(self.window, to_pair(pretrained_window))
-        order, patterns, self.mask_groups = window_mask_groups(resolution, self.padded, self.window, self.shift)
+        # the groups are read back into Python (counts, equality, branches): computed on the CPU even
+        # inside `with torch.device("meta")`, then moved to the parameters' device
+        with torch.device("cpu"):
+            order, patterns, self.mask_groups = window_mask_groups(resolution, self.padded, self.window, self.shift)
+            self.sorted_windows = not torch.equal(order, torch.arange(len(order)))
+            window_masks = None
+            if len(self.mask_groups) > 1 and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
+                # integer indexing, no float constructor: under bf16 zero.Init those would come out bf16
+                pattern_of_window = torch.full((len(order),), -1, dtype=torch.long)
+                for start, end, pattern in self.mask_groups:
+                    pattern_of_window[order[start:end]] = pattern
+                window_masks = torch.where((pattern_of_window >= 0)[:, None, None],
+                                           patterns[pattern_of_window.clamp(min=0)], 0.0)
         device = self.norm1.weight.device
         self.register_buffer("window_order", order.to(device), persistent=False)
         self.register_buffer("window_restore", torch.argsort(order).to(device), persistent=False)
         self.register_buffer("mask_patterns", patterns.to(device), persistent=False)
-        self.sorted_windows = not torch.equal(order, torch.arange(len(order)))
-        window_masks = None
-        if len(self.mask_groups) > 1 and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
-            # integer indexing, no float constructor: under bf16 zero.Init those would come out bf16
-            pattern_of_window = torch.full((len(order),), -1, dtype=torch.long)
-            for start, end, pattern in self.mask_groups:
-                pattern_of_window[order[start:end]] = pattern
-            window_masks = torch.where((pattern_of_window >= 0)[:, None, None],
-                                       patterns[pattern_of_window.clamp(min=0)], 0.0).to(device)
-        self.register_buffer("window_masks", window_masks, persistent=False)
+        self.register_buffer("window_masks", None if window_masks is None else window_masks.to(device),
+                             persistent=False)
 
     def _dense_masks(self, x: torch.Tensor) -> bool:
         # small CPU windows: one matmul + softmax call over all windows (timm's way) beats sorting
@@ -556,7 +561,8 @@ class SwinTransformerV2(nn.Module):
         self.pretrained_window_sizes = tuple(pretrained_window_sizes)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, **dd)
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # plain floats, not torch.linspace(...).tolist(): that cannot be read back on the meta device
+        drop_path = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         block_kwargs = dict(mlp_ratio=mlp_ratio, attn_backend=attn_backend, attn_chunk_windows=attn_chunk_windows)
         resolutions = self.stage_resolutions(self.img_size)
         self.layers = nn.Sequential(*[
@@ -626,6 +632,28 @@ class SwinTransformerV2(nn.Module):
         """Name keywords of parameters trained without weight decay (1-D parameters come on top)."""
         return {"cpb_mlp", "logit_scale"}
 
+    @property
+    def num_layers(self) -> int:
+        """Depth groups of layer-wise LR decay: the patch embedding, one per block, the final norm and head."""
+        return sum(self.depths) + 2
+
+    def layer_id(self, param_name: str) -> int:
+        """Layer-wise LR decay group (0 .. num_layers - 1) of a parameter named relative to this model.
+
+        Microsoft's SimMIM fine-tuning rule: patch embedding 0; block j of stage i (its main-branch norm
+        included) sum(depths[:i]) + j + 1; the patch merging in front of stage i, which Microsoft counts
+        with the last block of stage i - 1, sum(depths[:i]); final norm and head num_layers - 1.
+        """
+        if param_name.startswith("patch_embed."):
+            return 0
+        match = re.match(r"layers\.(\d+)\.(?:blocks\.(\d+)|downsample)\.", param_name)
+        if match:
+            before = sum(self.depths[:int(match.group(1))])
+            return before if match.group(2) is None else before + int(match.group(2)) + 1
+        if param_name.startswith(("norm.", "head.")):
+            return self.num_layers - 1
+        raise ValueError(f"{param_name!r} is not a SwinV2 parameter name (patch_embed.*, layers.*, norm.*, head.*)")
+
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Regexes that map parameter names to depth groups, for layer-wise LR decay (timm's format)."""
         return dict(stem=r"^patch_embed",
@@ -691,8 +719,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
     Handles Microsoft's classification checkpoints (downsample at the end of a stage, stored
     coordinate/index/mask buffers), Microsoft's SimMIM checkpoints (`encoder.` prefix, the
-    old `rpe_mlp` name), timm's (`head.fc`), DDP's `module.` prefix, and this project's own.
-    Encoder keys come out unprefixed; SimMIM parts come out as `mask_token` and `decoder.*`.
+    old `rpe_mlp` name, a (1, 1, C) `encoder.mask_token`), timm's (`head.fc`), DDP's `module.`
+    prefix, and this project's own. Encoder keys come out unprefixed; SimMIM parts come out as
+    `mask_token` (1, 1, 1, C) and `decoder.*`.
     """
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     state_dict = {k.removeprefix("encoder."): v for k, v in state_dict.items()}
@@ -708,6 +737,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
         if microsoft_layout:
             key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
         key = key.replace("head.fc.", "head.")
+        if key == "mask_token" and value.ndim == 3:
+            value = value.reshape(1, 1, 1, -1)  # Microsoft masks (B, L, C) token lists, we (B, H, W, C) grids
         out[key] = value
     return out
 

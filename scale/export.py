@@ -1,17 +1,23 @@
-"""Consolidate a (sharded) DeepSpeed checkpoint into one fp32 file that `models.load_pretrained` reads.
+"""Consolidate a (sharded) DeepSpeed checkpoint into one fp32 file: ours for `models.load_pretrained`, or timm's.
 
 Usage::
 
-    python -m scale.export CKPT OUT.pt
+    python -m scale.export CKPT OUT.pt [--format ours|timm]
 
 CKPT is an output dir, its `checkpoints/` folder (newest complete checkpoint is used) or one
-`step_*` folder. OUT holds `{"model": state dict of the SimMIM module (encoder.*, decoder.*,
-mask_token), "model_args": {"name", "norm_target_patch_size", overrides...}, "config": {...},
-"step": N}`. Runs on one CPU process: no GPU or process group needed.
+`step_*` folder. With `--format ours` (default) OUT holds `{"model": state dict of the trained
+module, "model_args": {"name", overrides...}, "config": {...}, "step": N}`: a SimMIM run's
+module has `encoder.*`, `decoder.*` and `mask_token`, a classifier run's (`model_args["kind"]`
+== "classifier") `encoder.*`. With `--format timm` OUT is a plain state dict that
+`timm.models.swin_transformer_v2.SwinTransformerV2(**args)` loads with `strict=True`, the args
+being printed on success; a SimMIM run exports its encoder as a headless (num_classes=0) model.
+Runs on one CPU process: no GPU or process group needed.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +27,11 @@ import torch
 from scale.checkpoint import find_checkpoint, read_meta
 from scale.config import ConfigError
 
+FORMATS = ("ours", "timm")
+
 
 def consolidate(ckpt: str | Path) -> dict[str, Any]:
-    """The export dict for checkpoint `ckpt` (see module docstring)."""
+    """The `--format ours` export dict for checkpoint `ckpt` (see module docstring)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt_dir, tag = find_checkpoint(ckpt)
@@ -34,22 +42,96 @@ def consolidate(ckpt: str | Path) -> dict[str, Any]:
     return {"model": state, "model_args": meta["model_args"], "config": meta["config"], "step": meta["step"]}
 
 
+def build_encoder(model_args: dict[str, Any]) -> Any:
+    """The run's SwinV2 (a SimMIM run's encoder, headless) on the meta device, from meta.json's `model_args`."""
+    import models
+
+    args = dict(model_args)
+    name, kind = args.pop("name"), args.pop("kind", "simmim")
+    if kind not in ("simmim", "classifier"):
+        raise ConfigError(f"model_args kind={kind!r} is not simmim or classifier: this checkpoint has no SwinV2 "
+                          f"that timm can hold; export it with --format ours")
+    # keys that are not SwinV2 constructor arguments (SimMIM's norm_target_patch_size, ...) do not shape it
+    accepted = inspect.signature(models.SwinTransformerV2).parameters
+    args = {k: v for k, v in args.items() if k in accepted}
+    if kind == "simmim":
+        args["num_classes"] = 0
+    return models.build_model(name, device="meta", **args)
+
+
+def to_timm(exported: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """(timm state dict, timm constructor args, notes on numerics) for an `--format ours` export dict."""
+    import models
+
+    try:
+        encoder = build_encoder(exported["model_args"])
+        state = models.to_timm_state_dict(exported["model"])
+        timm_args = models.timm_model_args(encoder)
+        # the run's own architecture in timm's names: any difference would fail timm's strict load
+        expected = models.to_timm_state_dict(encoder.state_dict())
+    except ConfigError:
+        raise
+    except ValueError as e:  # model_args the registry cannot build, or SwinV2-H/G's norms that timm has no place for
+        raise ConfigError(f"{str(e).splitlines()[0]}; export with --format ours") from None
+    wrong = sorted(set(state) ^ set(expected)) + sorted(k for k in set(state) & set(expected)
+                                                        if state[k].shape != expected[k].shape)
+    if wrong:
+        raise ConfigError(f"the checkpoint's weights do not match its meta.json model_args ({len(wrong)} keys "
+                          f"differ, e.g. {wrong[0]}); export with --format ours")
+    return state, timm_args, models.timm_mismatches(encoder)
+
+
+def check_writable(out: Path) -> None:
+    """Fail before the (slow) consolidation when OUT cannot be written."""
+    if out.is_dir():
+        raise ConfigError(f"OUT {out} is a directory: give a file name, e.g. {out / 'export.pt'}")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {parent} ({e.strerror}): choose an OUT in a writable folder") from None
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ConfigError(f"cannot write {out}: choose an OUT in a writable folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m scale.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt", help="output dir, its checkpoints/ folder, or one step_* folder")
     parser.add_argument("out", help="file to write (torch.save)")
+    parser.add_argument("--format", default="ours", help="ours (default: for models.load_pretrained) or timm "
+                                                         "(a plain state dict for timm's SwinTransformerV2)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     try:
+        if args.format not in FORMATS:
+            raise ConfigError(f"--format {args.format} is not one of {', '.join(FORMATS)}")
+        if not Path(args.ckpt).exists():
+            raise ConfigError(f"{args.ckpt} does not exist: pass a run's output dir, its checkpoints/ folder or "
+                              f"one step_* folder")
+        check_writable(out)
         exported = consolidate(args.ckpt)
+        if args.format == "timm":
+            state, timm_args, notes = to_timm(exported)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(exported, args.out)
-    n = sum(v.numel() for v in exported["model"].values())
-    print(f"wrote {args.out}: {len(exported['model'])} tensors, {n / 1e6:.2f}M values, step {exported['step']}, "
-          f"model {exported['model_args']['name']}")
+    except FileNotFoundError as e:  # marked complete, yet shards or meta.json are gone
+        print(f"error: {e}: this checkpoint is damaged; pass an older step_* folder", file=sys.stderr)
+        return 2
+    weights = exported["model"] if args.format == "ours" else state
+    try:
+        torch.save(exported if args.format == "ours" else state, out)
+    except OSError as e:
+        print(f"error: cannot write {out} ({e.strerror or e}): choose an OUT in a writable folder", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}): {len(weights)} tensors, {sum(v.numel() for v in weights.values()) / 1e6:.2f}M "
+          f"values, step {exported['step']}, model {exported['model_args']['name']}")
+    if args.format == "timm":
+        print(f"load with timm.models.swin_transformer_v2.SwinTransformerV2(**{timm_args})"
+              f".load_state_dict(torch.load(OUT), strict=True)")
+        for note in notes:
+            print(f"warning: timm's outputs differ slightly at this input size: {note}", file=sys.stderr)
     return 0
 
 

@@ -178,6 +178,23 @@ def test_parameter_counts_on_meta_device(name):
     assert model.num_classes == 1000
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_every_size_builds_inside_a_meta_device_context(name):
+    with torch.device("meta"):
+        model = build_model(name)
+        simmim = build_simmim(name)
+    for module in (model, simmim):
+        assert {t.device.type for t in [*module.parameters(), *module.buffers()]} == {"meta"}
+    plain = build_model(name, device="meta")
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in plain.named_parameters()]
+    assert [(n, b.shape) for n, b in model.named_buffers()] == [(n, b.shape) for n, b in plain.named_buffers()]
+    block = model.layers[0].blocks[1]
+    assert block.mask_groups == plain.layers[0].blocks[1].mask_groups  # read back in Python while building
+    # drop-path rates are plain floats rising linearly to the variant's rate
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for stage in model.layers for b in stage.blocks]
+    assert all(type(r) is float for r in rates) and rates[0] == 0.0 and rates == sorted(rates) and rates[-1] > 0
+
+
 def test_registry_and_main_branch_norms():
     assert list_models() == sorted(EXPECTED_PARAMS_M)
     giant = build_model("swinv2_giant", device="meta")
@@ -236,27 +253,113 @@ def test_loads_microsoft_classification_checkpoint_file(tmp_path):
         torch.testing.assert_close(target(x), source(x))
 
 
-def test_loads_microsoft_simmim_checkpoint_into_simmim_and_classifier():
+def microsoft_simmim_training_checkpoint(source, path, monkeypatch) -> None:
+    """Write `source` (a SimMIM module) the way Microsoft's SimMIM `save_checkpoint` does.
+
+    Their `SwinTransformerV2ForSimMIM` is the encoder, so the (1, 1, C) mask token is `encoder.mask_token`;
+    patch merging sits at the end of each stage; the position tables and shift masks are persistent
+    buffers; and next to the weights sit the optimizer, timm LR scheduler and AMP scaler states and the
+    run's yacs config, a dict subclass from a package this project does not install.
+    """
+    import sys
+    import types
+    from collections import OrderedDict
+
+    from timm.scheduler import CosineLRScheduler
+
+    optimizer = torch.optim.AdamW(source.parameters(), lr=1e-3)
+    for p in source.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # before the weights are read: it moves them (weight decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=100, warmup_t=10, t_in_epochs=False)
+    encoder = {k.removeprefix("encoder."): v for k, v in source.state_dict().items() if k.startswith("encoder.")}
+    model = microsoft_layout(encoder, prefix="encoder.")
+    model["encoder.mask_token"] = source.mask_token.detach().reshape(1, 1, -1).clone()
+    for name, block in source.encoder.named_modules():
+        if isinstance(block, SwinTransformerV2Block):
+            key = f"encoder.{name}"  # blocks keep their place; only patch merging moves between layouts
+            model[f"{key}.attn.relative_coords_table"] = block.attn.relative_coords_table[None].clone()
+            model[f"{key}.attn.relative_position_index"] = block.attn.relative_position_index.clone()
+            if any(block.shift):
+                tokens = block.window[0] * block.window[1]
+                model[f"{key}.attn_mask"] = torch.zeros(len(block.window_order), tokens, tokens)
+    model.update({k: v for k, v in source.state_dict().items() if k.startswith("decoder.")})
+
+    class CfgNode(dict):
+        def __init__(self, init: dict | None = None) -> None:
+            super().__init__(init or {})
+            self.__dict__.update({"__immutable__": True, "__deprecated_keys__": set(), "__renamed_keys__": {},
+                                  "__new_allowed__": False})
+
+    yacs, yacs_config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    yacs_config.CfgNode = CfgNode
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}  # torch.cuda.amp.GradScaler.state_dict()
+    swinv2 = CfgNode({"EMBED_DIM": 16, "DEPTHS": [2, 2, 2, 2]})
+    config = CfgNode({"MODEL": CfgNode({"TYPE": "swinv2", "SWINV2": swinv2}),
+                      "OUTPUT": "output/simmim", "TRAIN": CfgNode({"EPOCHS": 100})})
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "yacs", yacs)
+        patch.setitem(sys.modules, "yacs.config", yacs_config)
+        torch.save({"model": OrderedDict(model), "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": scheduler.state_dict(), "scaler": scaler, "max_accuracy": 0.0, "epoch": 99,
+                    "config": config}, path)
+
+
+def test_loads_microsoft_simmim_training_checkpoint_into_simmim_and_classifier(tmp_path, monkeypatch):
+    import pickle
+
     source = perturb_(build_simmim("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 0})).eval()
-    state = source.state_dict()
-    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    microsoft = microsoft_layout(encoder, prefix="encoder.", old_cpb_name=True)
-    microsoft["encoder.mask_token"] = state["mask_token"]
-    microsoft.update({k: v for k, v in state.items() if k.startswith("decoder.")})
+    path = tmp_path / "ckpt_epoch_99.pth"
+    microsoft_simmim_training_checkpoint(source, path, monkeypatch)
+    with pytest.raises(pickle.UnpicklingError, match="yacs.config.CfgNode"):
+        torch.load(path, weights_only=True)  # the weights-only loader refuses the config...
     x, mask = torch.randn(2, 3, 64, 64), (torch.rand(2, 16, 16) > 0.4).float()
 
     target = build_simmim("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 0}).eval()
-    report = load_pretrained(target, {"model": microsoft})
+    report = load_pretrained(target, path)  # ...load_pretrained reads the weights without importing it
     assert not report.missing_keys and not report.unexpected_keys
+    torch.testing.assert_close(target.mask_token, source.mask_token, atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(target(x, mask), source(x, mask))
 
     classifier = build_model("swinv2_tiny", img_size=64, window_size=4, **TINY).eval()
-    report = load_pretrained(classifier, {"model": microsoft})
+    report = load_pretrained(classifier, path)
     assert sorted(report.missing_keys) == ["head.bias", "head.weight"]
     assert "mask_token" in report.unexpected_keys and "decoder.0.weight" in report.unexpected_keys
     with torch.no_grad():
         torch.testing.assert_close(classifier.forward_features(x), source.encoder.forward_features(x))
+
+
+def test_loads_released_simmim_weights_with_the_old_cpb_name():
+    source = perturb_(build_simmim("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 0})).eval()
+    state = source.state_dict()
+    encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    microsoft = microsoft_layout(encoder, prefix="encoder.", old_cpb_name=True)
+    microsoft["encoder.mask_token"] = state["mask_token"].reshape(1, 1, -1)
+    target = build_simmim("swinv2_tiny", img_size=64, window_size=4, **{**TINY, "num_classes": 0}).eval()
+    report = load_pretrained(target, {"model": microsoft})
+    assert sorted(report.missing_keys) == ["decoder.0.bias", "decoder.0.weight"] and not report.unexpected_keys
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(target.encoder.forward_features(x), source.encoder.forward_features(x))
+
+
+def test_restricted_loading_runs_nothing_from_the_file(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "pwned"),)
+
+    source = build_model("swinv2_tiny", img_size=64, window_size=4, **TINY)
+    path = tmp_path / "crafted.pth"
+    torch.save({"model": source.state_dict(), "config": Payload()}, path)
+    target = build_model("swinv2_tiny", img_size=64, window_size=4, **TINY)
+    assert not load_pretrained(target, path).missing_keys
+    assert not (tmp_path / "pwned").exists()
+    torch.testing.assert_close(target.state_dict(), source.state_dict())
 
 
 def test_head_mismatch_is_skipped_other_mismatches_raise():
