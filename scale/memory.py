@@ -1,0 +1,398 @@
+"""Per-device memory of one SwinV2 training step under DeepSpeed, and forward FLOPs, without allocating.
+
+Used before each fine-tuning stage to pick (`micro_batch: auto`) or check the micro-batch, so a stage
+that cannot fit is refused in one line instead of running out of memory. Everything is arithmetic on
+the model's shapes: the architecture is read from a model built once on the meta device (cached),
+the window geometry from the model's own helpers (`stage_window`, `window_mask_groups`).
+
+The terms and what they hold (per device):
+* params: the weights DeepSpeed keeps in the model dtype: all of them (ZeRO 0-2), or a 1/world share
+  plus the gathered working set (ZeRO-3; the repo's zero3.json keeps up to 1e9 gathered, see below).
+* grads: gradient storage alive during backward (full for ZeRO 0-1, a 1/world share for 2-3) plus
+  DeepSpeed's reduce bucket, and the end-of-backward/step copies where they outgrow the activations
+  they replace (they run after the activations are freed).
+* optimizer: fp32 master weights (stage_1_and_2 and stage3 clone them even for fp32 training) and
+  Adam's two moments, a 1/world share for ZeRO >= 1, nothing on the device when offloaded.
+* activations: the peak of the saved-for-backward tensors plus the working set of the op running at
+  that moment, walked forward and backward over the model's real op sequence (see `_block_ops`).
+* buffers: per-block coordinate tables, indices, window orders and masks at this resolution.
+* runtime: given by the caller (CUDA context; on the CPU the RSS before the model is built).
+Checked against peak RSS of real DeepSpeed CPU steps by benchmarks/bench_memory.py (RESULTS.md).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models import swin_transformer_v2 as swin
+
+__all__ = ["MemoryEstimate", "estimate_memory", "max_micro_batch", "device_memory_budget", "flops_per_image",
+           "format_bytes"]
+
+# DeepSpeed settings of ds_configs/*.json that size buffers (elements)
+REDUCE_BUCKET_ELEMENTS = {0: 0, 1: 200_000_000, 2: 200_000_000, 3: 100_000_000}
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # with stage3_max_reuse_distance as large, gathered weights stay live
+CPB_HIDDEN = 512  # width of the log-CPB MLP
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one device needs for a training step; `total_bytes` is the sum of the other terms."""
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    buffers_bytes: int
+    runtime_bytes: int
+    total_bytes: int
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain ints under the field names (for JSON)."""
+        return {k: int(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One step of the forward in bytes: kept for backward, extra live while it runs forward / backward,
+    and the weight gradients its backward leaves behind (.grad, where they accumulate)."""
+    saved: int
+    fwd: int = 0
+    bwd: int = 0
+    grad: int = 0
+
+
+def _peak(ops: list[_Op], grads: bool = False) -> tuple[int, int]:
+    """(saved total, peak live bytes) of running `ops` forward and then backward.
+
+    Forward, op k runs with everything saved before it alive; backward runs in reverse, op k's own
+    saved tensors still alive while its gradients are formed, and (grads=True) the weight gradients
+    made so far alive too: they grow while the activations shrink, so they overlap only in part.
+    """
+    saved, peak = 0, 0
+    for op in ops:
+        peak = max(peak, saved + op.saved + op.fwd)
+        saved += op.saved
+    remaining, made = saved, 0
+    for op in reversed(ops):
+        made += op.grad if grads else 0
+        peak = max(peak, remaining + op.bwd + made)
+        remaining -= op.saved
+    return saved, peak
+
+
+def _recomputed(ops: list[_Op], kept: int, fwd_extra: int = 0) -> _Op:
+    """`ops` under torch.utils.checkpoint: only `kept` bytes (the inputs) stay; backward replays them."""
+    _, peak = _peak(ops)
+    return _Op(saved=kept, fwd=peak + fwd_extra, bwd=peak, grad=sum(op.grad for op in ops))
+
+
+def _with_grad(ops: list[_Op], grad: int) -> list[_Op]:
+    """`ops` with `grad` bytes of weight gradients made at the start of their backward (a bound)."""
+    last = ops[-1]
+    return ops[:-1] + [_Op(last.saved, last.fwd, last.bwd, last.grad + grad)]
+
+
+@functools.lru_cache(maxsize=32)
+def _arch(name: str, overrides: tuple, task: str) -> torch.nn.Module:
+    """The model built on the meta device at its smallest size (the weights do not depend on resolution)."""
+    import models
+
+    args = dict(overrides)
+    stages = len(args.get("depths", (0,) * 4))
+    args.update(img_size=args.get("patch_size", 4) * 2 ** (stages - 1), window_size=1, device="meta")
+    args.pop("pretrained_window_sizes", None)
+    if task == "simmim":
+        args.pop("num_classes", None)
+        return models.build_simmim(name, **args)
+    return models.build_model(name, **args)
+
+
+def _split(model_args: dict) -> tuple[str, tuple]:
+    args = dict(model_args)
+    name = args.pop("name")
+    for key in ("img_size", "window_size", "attn_backend", "attn_chunk_windows"):
+        args.pop(key, None)  # memory inputs, not architecture
+    return name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in args.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_groups(size: tuple, padded: tuple, window: tuple, shift: tuple) -> tuple[tuple[int, bool], ...]:
+    """(windows per image, needs a mask pattern) of each attention call group, by the model's own rule."""
+    _, _, groups = swin.window_mask_groups(size, padded, window, shift)
+    return tuple((end - start, pattern >= 0) for start, end, pattern in groups)
+
+
+def _attention_ops(windows: int, n: int, c: int, heads: int, kind: str, ab: int) -> list[_Op]:
+    """One attention call over `windows` windows of n tokens, its input windows not counted.
+
+    Saved: qkv (its q and k views feed the norms) and per-row norms, unit q and k, the projection input,
+    and either the probabilities and a copy of v (probs @ v cannot fold the strided view of qkv)
+    ("plain": matmul + softmax), or the log-sum-exp, the output being the projection input read as a
+    view ("flash_cpu" / "flash_gpu": CPU flash or GPU memory-efficient kernel, O(N) per row).
+    """
+    tw = windows * n  # tokens in the call
+    tc, scores = tw * c * ab, tw * heads * n * ab
+    ops = [_Op(3 * tc + 4 * tw * heads * ab, fwd=2 * tc)]  # qkv; the unit q and k being made
+    if kind == "plain":
+        return ops + [_Op(2 * tc, fwd=scores),  # unit q and k; the scores
+                      _Op(scores, fwd=scores, bwd=2 * scores),  # softmax output; grads of probs and scores
+                      _Op(tc, fwd=tc, bwd=scores + 2 * tc),  # copy of v; grads of probs and v
+                      _Op(tc, bwd=2 * tc)]  # projection input
+    bwd = 4 * tc  # gradients of the output, q, k and v
+    if kind == "flash_cpu":  # the bias gradient is rebuilt SEQUENTIAL_CHUNK_ELEMENTS scores at a time
+        bwd += 2 * max(swin.SEQUENTIAL_CHUNK_ELEMENTS, heads * n * n) * ab + heads * n * n * 4
+    else:  # GPU efficient attention allocates the bias gradient at the broadcast (windows, heads, N, N) shape
+        bwd += windows * heads * n * n * ab
+    return ops + [_Op(3 * tc + tw * heads * 4, fwd=tc, bwd=bwd), _Op(0, bwd=2 * tc)]
+
+
+def _block_ops(b: int, res: tuple, c: int, heads: int, hidden: int, window: int, shifted: bool, main_norm: bool,
+               backend: str, chunk_windows: int, cpu: bool, ab: int) -> list[_Op]:
+    """The ops of one SwinV2 block at batch b, following the dispatch of `SwinTransformerV2Block` on this device."""
+    (wh, ww), shift = swin.stage_window(res, window)
+    shift = shift if shifted else (0, 0)
+    padded = (math.ceil(res[0] / wh) * wh, math.ceil(res[1] / ww) * ww)
+    n, tokens = wh * ww, b * res[0] * res[1]
+    tp = b * padded[0] * padded[1]  # padded tokens
+    n_windows = padded[0] // wh * (padded[1] // ww)
+    groups = _mask_groups(res, padded, (wh, ww), shift)
+    bias = heads * n * n * ab
+    table = (2 * wh - 1) * (2 * ww - 1)
+    ops = [_Op(table * (CPB_HIDDEN + heads + 2) * ab, fwd=2 * bias, bwd=2 * bias)]  # log-CPB MLP -> (heads, N, N)
+    dense = (cpu and backend != "sequential" and n < swin.CPU_FLASH_MIN_TOKENS and len(groups) > 1
+             and n_windows * n * n <= swin.DENSE_MASK_ELEMENTS)
+    if dense:  # small CPU windows: one call over all windows, a per-window mask added to the scores
+        masks = n_windows * bias  # the (windows, heads, N, N) mask and, in backward, its gradient
+        call = _attention_ops(b * n_windows, n, c, heads, "plain", ab)
+        return ops + [_Op(tp * c * ab, fwd=masks, bwd=masks)] + call + _block_tail(tokens, tp, c, hidden, main_norm,
+                                                                                  backend, ab)
+    # a group's windows are a view of the (sorted) windows when contiguous (one image, one window, or all
+    # of them), else a copy; one view is enough to keep the whole (tokens, C) tensor alive for backward
+    copied = [count for count, _ in groups if b > 1 and 1 < count < n_windows]
+    ops.append(_Op((tp if len(copied) < len(groups) else 0) * c * ab + b * sum(copied) * n * c * ab))
+    for count, patterned in groups:
+        w = b * count
+        kind = backend  # the "auto" rule of WindowAttention._attend, per call
+        if backend == "auto":
+            kind = "sequential" if w * heads * n * n > swin.AUTO_SEQUENTIAL_ELEMENTS["attention"] else "fused"
+        # dot_product_attention: matmul + softmax for small CPU windows, else a flash kernel
+        flash = "plain" if cpu and n < swin.CPU_FLASH_MIN_TOKENS else ("flash_cpu" if cpu else "flash_gpu")
+        inner = "plain" if kind == "plain" else flash
+        # each group attends with one (heads, N, N) mask: the bias itself, or bias + pattern (a new tensor);
+        # flash kernels and checkpointed chunks keep it for backward, plain attention adds it in place
+        keeps_mask = kind == "sequential" or inner != "plain"
+        kept_mask = bias if keeps_mask else 0
+        new_mask = bias if patterned and not keeps_mask else 0
+        if kind == "sequential":
+            chunk = chunk_windows or max(1, swin.SEQUENTIAL_CHUNK_ELEMENTS // (heads * n * n))
+            call = _attention_ops(min(w, chunk), n, c, heads, flash, ab)
+            # only the chunk inputs (counted above) and the mask stay; chunk outputs pile up until the cat
+            ops.append(_recomputed(call, kept=kept_mask, fwd_extra=2 * w * n * c * ab))
+        else:
+            ops += [_Op(kept_mask, fwd=new_mask)] + _attention_ops(w, n, c, heads, inner, ab)
+    return ops + _block_tail(tokens, tp, c, hidden, main_norm, backend, ab)
+
+
+def _block_tail(tokens: int, tp: int, c: int, hidden: int, main_norm: bool, backend: str, ab: int) -> list[_Op]:
+    """After attention: windows back to the grid, norm1 and the residual, the MLP, the optional main norm."""
+    # windows back to the grid (restore order, reverse, roll): two copies live; norm1 keeps its (padded) input
+    ops = [_Op(tp * c * ab, fwd=2 * tp * c * ab, bwd=2 * tp * c * ab)]
+    tc = tokens * c * ab
+    if backend == "sequential" or (backend == "auto" and tokens * hidden > swin.AUTO_SEQUENTIAL_ELEMENTS["mlp"]):
+        rows = min(tokens, max(1, swin.SEQUENTIAL_CHUNK_ELEMENTS // hidden))
+        ops.append(_recomputed(_mlp_ops(rows * c * ab, rows * hidden * ab)[1:], kept=tc, fwd_extra=2 * tc))
+    else:
+        ops += _mlp_ops(tc, tokens * hidden * ab)
+    if main_norm:
+        ops.append(_Op(tc, fwd=tc, bwd=tc))
+    return ops
+
+
+def _mlp_ops(tc: int, th: int) -> list[_Op]:
+    """fc1 -> GELU -> fc2 -> norm2 over tokens of tc bytes (th bytes hidden): what each keeps and needs."""
+    return [_Op(tc),  # fc1 input
+            _Op(th, fwd=th, bwd=2 * th),  # GELU input; its backward holds the gradients of both sides
+            _Op(th, bwd=tc + th),  # fc2 input
+            _Op(tc, fwd=2 * tc, bwd=2 * tc)]  # norm2 input; norm2 output and the residual sum
+
+
+def _model_ops(model: torch.nn.Module, b: int, img: int, windows: list[int], backend: str, chunk_windows: int,
+               checkpointing: bool, cpu: bool, ab: int, task: str) -> list[_Op]:
+    """Patch embedding, blocks (checkpointed or not), patch merging, final norm and head, in forward order."""
+    encoder = model.encoder if task == "simmim" else model
+    res = encoder.stage_resolutions((img, img))
+    tokens = [b * r[0] * r[1] for r in res]
+    dims = [encoder.embed_dim * 2 ** i for i in range(len(res))]
+    pixels, t0 = b * img * img, tokens[0] * dims[0] * ab
+
+    def grad(module: torch.nn.Module) -> int:
+        return ab * sum(p.numel() for p in module.parameters())
+
+    ops = [_Op(3 * pixels * ab + t0, fwd=t0, bwd=2 * t0, grad=grad(encoder.patch_embed))]
+    for i, stage in enumerate(encoder.layers):
+        tc = tokens[i] * dims[i] * ab
+        if i > 0:  # patch merging keeps the (tokens, 4C_prev) concat and the reduction's output for its norm
+            ops.append(_Op(3 * tc, fwd=tc, bwd=3 * tc, grad=grad(stage.downsample)))
+        for block in stage.blocks:
+            inner = _with_grad(_block_ops(b, res[i], dims[i], block.attn.num_heads, block.mlp.fc1.out_features,
+                                          windows[i], block.shifted, isinstance(block.main_norm, torch.nn.LayerNorm),
+                                          backend, chunk_windows, cpu, ab), grad(block))
+            ops.extend([_recomputed(inner, kept=tc)] if checkpointing else inner)
+    last, rest = tokens[-1] * dims[-1] * ab, grad(model) - sum(op.grad for op in ops)
+    if task == "simmim":  # decoder output, then the loss in fp32: prediction, targets, pixel mask, local statistics
+        return ops + [_Op(last + 7 * pixels * 4, fwd=6 * 3 * pixels * 4, bwd=3 * 3 * pixels * 4, grad=rest)]
+    return ops + [_Op(last, fwd=last, bwd=last, grad=rest)]
+
+
+def _buffers(model: torch.nn.Module, img: int, windows: list[int], ab: int, task: str) -> int:
+    """Per-block coordinate table (float), relative position index (int64), window order/restore, masks."""
+    encoder = model.encoder if task == "simmim" else model
+    total = 0
+    for res, stage, window in zip(encoder.stage_resolutions((img, img)), encoder.layers, windows):
+        (wh, ww), shift = swin.stage_window(res, window)
+        padded = (math.ceil(res[0] / wh) * wh, math.ceil(res[1] / ww) * ww)
+        n, n_windows = wh * ww, padded[0] // wh * (padded[1] // ww)
+        for block in stage.blocks:
+            groups = _mask_groups(res, padded, (wh, ww), shift if block.shifted else (0, 0))
+            patterns = sum(patterned for _, patterned in groups)
+            dense = len(groups) > 1 and n_windows * n * n <= swin.DENSE_MASK_ELEMENTS
+            total += (2 * wh - 1) * (2 * ww - 1) * 2 * ab + n * n * 8 + 2 * n_windows * 8
+            total += (patterns + (n_windows if dense else 0)) * n * n * ab
+    return total
+
+
+def _model_states(p: int, pb: int, zero_stage: int, world: int, offload: str, cpu: bool) -> dict[str, int]:
+    """Bytes per device of p weights of pb bytes and their optimizer under DeepSpeed 0.19.8.
+
+    Read in its source and measured on the CPU (fp32, 1 rank): ZeRO-1/2 flatten the weights into one
+    buffer (the module's weights become views of it) and clone an fp32 master partition even for fp32
+    weights; ZeRO-3 keeps a flat 1/world partition, an fp32 master clone and a zeroed gradient partition
+    in the model dtype. Gradients go through a reduce bucket, a torch.empty: a GPU allocates it whole,
+    on the CPU only the pages grads are copied into become resident. Adam's moments are fp32.
+
+    Returns params, optimizer, grads_kept (gradient memory alive through backward), accumulates (the
+    module's .grad fill up during backward: ZeRO 0-1), end (copies made once backward is over: reduction,
+    the step's flat fp32 gradients) and overlaps (whether those copies already happen during backward).
+    """
+    bucket = REDUCE_BUCKET_ELEMENTS[zero_stage]
+    bucket_bytes = min(p, bucket) * pb if cpu else bucket * pb * (2 if zero_stage == 2 else 1)  # overlap_comm: 2
+    optimizer = 0 if offload != "none" else (4 + 8) * p // world
+    partition = pb * p // world
+    cast = 4 * p // world if pb != 4 and offload == "none" else 0  # the step's fp32 copy of the gradients
+    states = dict(params=pb * p, optimizer=optimizer, grads_kept=0, accumulates=1, end=0, overlaps=0)
+    if zero_stage == 0:  # the torch optimizer on the module's own weights, moments in their dtype
+        states.update(optimizer=0 if offload != "none" else 2 * pb * p)
+    elif zero_stage == 1:  # .grad of every weight until backward ends; the bucket is filled after it (CPU)
+        states.update(grads_kept=0 if cpu else bucket_bytes, end=max(bucket_bytes if cpu else 0, partition + cast))
+    elif zero_stage == 2:  # grads go through the bucket as they arrive; the partition is made at its first flush
+        states.update(grads_kept=bucket_bytes + (partition if p > bucket else 0), accumulates=0,
+                      end=(0 if p > bucket else partition) + cast)
+    else:  # ZeRO-3; zero3.json's max_live_parameters and max_reuse_distance (1e9) keep gathered weights live
+        gathered = min(p, STAGE3_MAX_LIVE_PARAMETERS) * pb if world > 1 else 0
+        # reduce-scatter copies of a full bucket (measured: 2 x 4P at 1 rank), during backward once p > bucket
+        states.update(params=partition + gathered, grads_kept=partition + bucket_bytes, accumulates=0,
+                      end=2 * min(p, bucket) * pb, overlaps=int(p > bucket))
+    return states
+
+
+def estimate_memory(model_args: dict, *, img_size: int, window_size: int | list[int], micro_batch: int,
+                    zero_stage: int = 3, world_size: int = 1, offload: str = "none", checkpointing: bool = False,
+                    attn_backend: str = "auto", precision: str = "bf16",
+                    pretrained_window_sizes: list[int] | None = None, task: str = "classifier",
+                    runtime_bytes: int = 0, device_type: str | None = None) -> MemoryEstimate:
+    """Bytes one device needs to train `model_args` ({"name": ..., **build_model overrides}) at this shape.
+
+    device_type picks the kernels the model dispatches to ("cuda": fused attention keeps O(N) per row;
+    "cpu": matmul + softmax below 1024-token windows, the CPU flash kernel above); None means "cuda" for
+    bf16 and "cpu" for fp32, the trainer's defaults. `pretrained_window_sizes` changes no memory.
+    grads_bytes is the gradient memory on top of the activations' peak: weight gradients made while the
+    activations are being freed only partly add to it.
+    """
+    if precision not in ("bf16", "fp32") or offload not in ("none", "cpu", "nvme") or zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"precision={precision!r}, offload={offload!r}, zero_stage={zero_stage!r}: expected "
+                         f"bf16|fp32, none|cpu|nvme, 0..3")
+    if attn_backend not in swin.ATTN_BACKENDS or task not in ("classifier", "simmim") or micro_batch < 1:
+        raise ValueError(f"attn_backend={attn_backend!r} (one of {swin.ATTN_BACKENDS}), task={task!r} "
+                         f"(classifier|simmim), micro_batch={micro_batch} (>= 1)")
+    if attn_backend == "auto":
+        attn_backend = model_args.get("attn_backend", "auto")
+    model = _arch(*_split(model_args), task)
+    encoder = model.encoder if task == "simmim" else model
+    windows = [window_size] * len(encoder.depths) if isinstance(window_size, int) else list(window_size)
+    cpu = (device_type or ("cuda" if precision == "bf16" else "cpu")) == "cpu"
+    ab = 2 if precision == "bf16" else 4  # DeepSpeed's bf16 casts the module: weights, activations, buffers
+    ops = _model_ops(model, micro_batch, img_size, windows, attn_backend, model_args.get("attn_chunk_windows", 0),
+                     checkpointing, cpu, ab, task)
+    p = sum(t.numel() for t in model.parameters())
+    s = _model_states(p, ab, zero_stage, world_size, offload, cpu)
+    activations = _peak(ops)[1]
+    during = _peak(ops, grads=True)[1] if s["accumulates"] else activations
+    after = s["accumulates"] * ab * p + s["end"]  # backward done: all .grad and the copies, no activations
+    peak = during + s["end"] if s["overlaps"] else max(during, after)
+    grads = s["grads_kept"] + peak - activations
+    buffers = _buffers(model, img_size, windows, ab, task)
+    total = s["params"] + grads + s["optimizer"] + activations + buffers + runtime_bytes
+    return MemoryEstimate(s["params"], grads, s["optimizer"], activations, buffers, runtime_bytes, total)
+
+
+def max_micro_batch(model_args: dict, *, budget_bytes: int, limit: int = 4096, **kwargs) -> int:
+    """Largest micro-batch <= limit whose estimate fits `budget_bytes`; 0 when even 1 does not.
+
+    kwargs are those of `estimate_memory` except micro_batch. Memory grows with the batch, so this
+    doubles up to the first misfit and bisects below it.
+    """
+    def fits(b: int) -> bool:
+        return estimate_memory(model_args, micro_batch=b, **kwargs).total_bytes <= budget_bytes
+
+    if limit < 1 or not fits(1):
+        return 0
+    good, bad = 1, None
+    while bad is None and good < limit:
+        step = min(2 * good, limit)
+        good, bad = (step, None) if fits(step) else (good, step)
+    if bad is None:
+        return good
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
+
+
+def device_memory_budget(device: torch.device, *, local_ranks: int = 1, headroom: float = 0.9) -> int:
+    """Bytes one rank may plan for: a GPU's total memory, or the host's MemAvailable shared by its ranks."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory * headroom)
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(int(line.split()[1]) * 1024 / max(1, local_ranks) * headroom)
+    raise RuntimeError("/proc/meminfo has no MemAvailable line: cannot size the host memory budget")
+
+
+def flops_per_image(model_args: dict, *, img_size: int, window_size: int | list[int], task: str = "classifier") -> int:
+    """Forward FLOPs of one image (`models.estimate_flops` on the meta-built model at these windows)."""
+    import copy
+
+    from models import estimate_flops
+
+    model = copy.copy(_arch(*_split(model_args), task))  # shallow copies: the cached model keeps its windows
+    encoder = model
+    if task == "simmim":
+        model._modules = dict(model._modules)
+        encoder = model.encoder = copy.copy(model.encoder)
+    encoder.window_sizes = tuple([window_size] * len(encoder.depths) if isinstance(window_size, int) else window_size)
+    return estimate_flops(model, img_size)
+
+
+def format_bytes(n: int) -> str:
+    """'12.3 GiB' style, binary units."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

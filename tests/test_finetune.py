@@ -1,0 +1,103 @@
+"""run_finetune.py end to end on 2 real CPU ranks (deepspeed --num_gpus 2, gloo, fp32, ZeRO-3).
+
+Three launches, shared by the tests below (module fixture): a short demo pretraining; the demo progressive
+fine-tune (64/w4 -> 128/w8 -> 256/w16) from it, compressed to a few dozen steps; and a copy of that
+fine-tune cut back to its checkpoint in the middle of stage 2, continued with `resume=auto`.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed import REPO_ROOT, run_deepspeed
+
+pytestmark = pytest.mark.distributed
+
+FINETUNE_STEPS = 40  # stages get 32, 5 and 3 steps (3 : 0.5 : 0.25 epochs)
+MID_STAGE_2 = 35  # a checkpoint inside stage 2 (steps 33-37)
+COMMON = ["data.num_workers=0", "log.every_steps=1", "seed=5"]
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    pretrain = root / "pretrain"
+    run_deepspeed("run_pretrain.py", *COMMON, "train.max_steps=30", "checkpoint.every_steps=0",
+                  f"output_dir={pretrain}", timeout=600)
+    stdout = {}
+    full = root / "full"
+    stdout["full"] = run_deepspeed("run_finetune.py", "--pretrained", str(pretrain), *COMMON,
+                                   f"train.max_steps={FINETUNE_STEPS}", f"checkpoint.every_steps={MID_STAGE_2}",
+                                   "checkpoint.keep_last=5", f"output_dir={full}", timeout=900).stdout
+    resumed = root / "resumed"
+    later = [f"step_{s:08d}" for s in range(MID_STAGE_2 + 1, FINETUNE_STEPS + 1)]
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns(*later, "metrics.json", "metrics.jsonl",
+                                                                 "tensorboard"))
+    stdout["resumed"] = run_deepspeed("run_finetune.py", "--pretrained", str(pretrain), *COMMON,
+                                      f"train.max_steps={FINETUNE_STEPS}", f"checkpoint.every_steps={MID_STAGE_2}",
+                                      "checkpoint.keep_last=5", f"output_dir={resumed}", timeout=900).stdout
+    return root, stdout
+
+
+def test_metrics_json_has_every_stage_and_beats_chance(runs):
+    root, stdout = runs
+    metrics = json.loads((root / "full" / "metrics.json").read_text())
+    assert metrics["num_classes"] == 12
+    stages = metrics["stages"]
+    assert [(s["img_size"], s["window_size"]) for s in stages] == [(64, 4), (128, 8), (256, 16)]
+    assert [s["steps"] for s in stages] == [32, 5, 3]
+    for s in stages:
+        assert {"top1", "top5", "epochs"} <= set(s) and 0 <= s["top1"] <= s["top5"] <= 100
+    chance = 100 / 12
+    assert stages[-1]["top1"] > 3 * chance, stages  # well above chance at the last stage's resolution
+    assert "loaded run weights" in stdout["full"] and "RANDOM INIT" not in stdout["full"]
+    assert "log-CPB normalised by windows [4, 4, 4, 2]" in stdout["full"]  # the pretraining's 64/w4 windows
+
+
+def test_each_stage_keeps_the_global_batch(runs):
+    _, stdout = runs
+    for line in [l for l in stdout["full"].splitlines() if l.startswith("stage ") and "micro-batch" in l]:
+        micro, accum = int(line.split("micro-batch ")[1].split()[0]), int(line.split(" x ")[1].split()[0])
+        assert micro * accum * 2 == 64, line
+
+
+def test_resume_mid_stage_2_is_bitwise_equal(runs):
+    root, stdout = runs
+    assert f"at step {MID_STAGE_2}" in stdout["resumed"]
+    full = json.loads((root / "full" / "metrics.json").read_text())
+    resumed = json.loads((root / "resumed" / "metrics.json").read_text())
+    assert resumed["stages"] == full["stages"]  # exact float equality of every stage's top1/top5
+    losses = {r["step"]: r["loss/train"] for r in _records(root / "full")}
+    again = {r["step"]: r["loss/train"] for r in _records(root / "resumed")}
+    assert sorted(again) == list(range(MID_STAGE_2 + 1, FINETUNE_STEPS + 1))
+    assert all(again[s] == losses[s] for s in again)
+
+
+def test_best_checkpoint_is_kept_and_exports_for_timm(runs, tmp_path):
+    root, _ = runs
+    metrics = json.loads((root / "full" / "metrics.json").read_text())
+    best = root / "full" / "checkpoints" / metrics["best"]["checkpoint"]
+    assert (best / "COMPLETE").exists()
+    out = tmp_path / "timm.pt"
+    proc = subprocess.run([sys.executable, "-m", "scale.export", str(best), str(out), "--format", "timm"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import timm.models.swin_transformer_v2 as timm_swin
+
+    import models
+
+    meta = json.loads((best / "meta.json").read_text())
+    args = {k: v for k, v in meta["model_args"].items() if k not in ("kind", "name", "drop_path_rate")}
+    ours = models.build_model(meta["model_args"]["name"], **args)
+    models.load_pretrained(ours, torch.load(out, weights_only=True))
+    theirs = timm_swin.SwinTransformerV2(**models.timm_model_args(ours))
+    theirs.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.randn(2, 3, args["img_size"], args["img_size"])
+    torch.testing.assert_close(theirs.eval()(x), ours.eval()(x), rtol=1e-4, atol=1e-5)
