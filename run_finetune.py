@@ -1,6 +1,6 @@
 """Progressive-resolution fine-tuning of SwinV2 for classification, with DeepSpeed (ZeRO 1/2/3, bf16 on GPU).
 
-Demo (no --config: three stages 64/w4 -> 128/w8 -> 256/w16 on the demo shards, a few minutes on 2 CPU cores):
+Demo (no --config: three stages 64/w4 -> 96/w6 -> 128/w8 on the demo shards, a few minutes on 2 CPU cores):
     deepspeed --num_gpus 2 run_finetune.py --pretrained output/demo
 A published recipe, from Microsoft's SwinV2-B ImageNet-22K weights:
     deepspeed run_finetune.py --ds_config ds_configs/zero3.json --config configs/finetune/swinv2_base_192to384.yaml \
@@ -18,14 +18,12 @@ import os
 import resource
 import sys
 
-import torch
-
 from scale.checkpoint import CheckpointManager
-from scale.config import (REPO_ROOT, ConfigError, check_data_path, check_model_name, load_finetune_config)
-from scale.dist import init_distributed, local_world_size, map_launcher_env, seed_everything
+from scale.config import FINETUNE_DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_finetune_config
+from scale.dist import init_distributed, local_world_size, seed_everything
 from scale.ds_config import fill_ds_config, load_ds_config, planned_precision, precision_of, zero_stage
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.host_memory import return_freed_host_memory
+from scale.launch import announce_device, data_path_or_demo, start_process, trainer_arg_parser, write_run_files
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule
 from scale.memory import device_memory_budget
@@ -37,28 +35,16 @@ from scale.tasks.classification import mixes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Progressive-resolution fine-tuning of SwinV2 with DeepSpeed",
-                                epilog="overrides: section.key=value words, e.g. train.max_steps=100 "
-                                       "stages[0] cannot be overridden alone: edit the YAML")
-    p.add_argument("--ds_config", default=str(REPO_ROOT / "ds_configs" / "zero3.json"),
-                   help="DeepSpeed JSON (sharding, buckets); default ds_configs/zero3.json")
-    p.add_argument("--config", default=None,
-                   help="experiment YAML; omitted = the demo (configs/finetune/demo_progressive.yaml)")
+    p = trainer_arg_parser("Progressive-resolution fine-tuning of SwinV2 with DeepSpeed", FINETUNE_DEMO_CONFIG)
     p.add_argument("--pretrained", default=None,
                    help="run folder or checkpoint of run_pretrain.py, scale.export file, Microsoft or timm SwinV2 "
                         "weights; omitted = the YAML's `pretrained`, else random init")
-    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK is used")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    map_launcher_env()  # RANK/WORLD_SIZE from the launcher, SLURM, or a one-process default
-    world_size, is_rank0 = int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0"
-    cuda = torch.cuda.is_available()
-    if not cuda:  # activations live in host memory: keep its footprint to the live tensors
-        return_freed_host_memory()
+    world_size, is_rank0, cuda = start_process()
 
     # -------------------------------------------------------------------- config: fail fast, in one line
     try:
@@ -85,17 +71,12 @@ def main(argv=None) -> int:
     info = init_distributed()
     log = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
     if args.config is None:
-        log("no --config given: running the demo (configs/finetune/demo_progressive.yaml: 64 -> 128 -> 256 px on "
+        log("no --config given: running the demo (configs/finetune/demo_progressive.yaml: 64 -> 96 -> 128 px on "
             "the demo shards); pass --config configs/finetune/<recipe>.yaml for a real run")
     if source is None:
         log("WARNING: no --pretrained weights: fine-tuning starts from RANDOM INIT. Pass --pretrained with a "
             "run_pretrain.py output folder, a scale.export file, or Microsoft/timm SwinV2 weights")
-    data_path = cfg.data.path
-    if not data_path:  # demo shards are generated on first use; rank 0 writes them, the rest wait
-        if info.is_main:
-            data_path = data.demo_shards()
-        dist.barrier()
-        data_path = data.demo_shards()
+    data_path = data_path_or_demo(cfg.data.path, info)
     val_path = cfg.finetune.val_path or data_path
     try:  # every rank reads the same index, so every rank fails alike
         known = data.check_num_classes(data_path, cfg.finetune.num_classes or None)
@@ -119,16 +100,13 @@ def main(argv=None) -> int:
             print(f"config error: {e}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
         return 2
+    announce_device(ds, cuda, log)
     total_steps = plans[-1].end_step
     log(f"{info.world_size} rank(s) on {info.device.type}, ZeRO stage {zero_stage(ds)}, {precision_of(ds)}, "
         f"global batch {global_batch}, {cfg.finetune.num_classes} classes, {len(plans)} stage(s), "
         f"{total_steps} steps, log-CPB normalised by windows {cfg.model.pretrained_window_sizes}, "
         f"output {cfg.output_dir}")
-    if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))  # the resolved config, to reproduce the run
-        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
-            json.dump(ds, f, indent=1)
+    write_run_files(cfg, ds, info)
     seed_everything(cfg.seed)  # same seed everywhere: identical init on every rank
     task = build_task("classification", cfg, info, log)
 

@@ -12,17 +12,14 @@ Dotted overrides after the options, type-checked against configs (see scale/conf
 Export weights for fine-tuning: python -m scale.export output/<name> pretrained.pt
 """
 import argparse
-import json
 import os
 import sys
 
-import torch
-
-from scale.config import REPO_ROOT, ConfigError, check_data_path, check_model_name, load_config
-from scale.dist import init_distributed, map_launcher_env, seed_everything
+from scale.config import DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_config
+from scale.dist import init_distributed, seed_everything
 from scale.ds_config import fill_ds_config, load_ds_config, precision_of
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.host_memory import return_freed_host_memory
+from scale.launch import announce_device, data_path_or_demo, start_process, trainer_arg_parser, write_run_files
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.metrics import MetricsProcessor, device_peak_flops
@@ -30,24 +27,13 @@ from scale.tasks import build_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Self-supervised pretraining of SwinV2 with DeepSpeed (method.name: "
-                                            "simmim)",
-                                epilog="overrides: section.key=value words, e.g. train.max_steps=100")
-    p.add_argument("--ds_config", default=str(REPO_ROOT / "ds_configs" / "zero3.json"),
-                   help="DeepSpeed JSON (sharding, buckets); default ds_configs/zero3.json")
-    p.add_argument("--config", default=None, help="experiment YAML; omitted = the demo (configs/pretrain/demo.yaml)")
-    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK is used")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p = trainer_arg_parser("Self-supervised pretraining of SwinV2 with DeepSpeed (method.name: simmim)", DEMO_CONFIG)
     return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    map_launcher_env()  # RANK/WORLD_SIZE from the launcher, SLURM, or a one-process default
-    world_size, is_rank0 = int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0"
-    cuda = torch.cuda.is_available()
-    if not cuda:  # activations live in host memory: keep its footprint to the live tensors
-        return_freed_host_memory()
+    world_size, is_rank0, cuda = start_process()
 
     # -------------------------------------------------------------------- config: fail fast, in one line
     try:
@@ -72,27 +58,15 @@ def main(argv=None) -> int:
     if args.config is None:
         log("no --config given: running the demo (configs/pretrain/demo.yaml: a small SwinV2 on generated "
             "demo shards); pass --config configs/pretrain/<size>.yaml for a real run")
-    if not cuda:  # say why the numbers differ from a GPU run
-        log("no GPU found: training in fp32 on CPU (bf16 is emulated and ~20x slower there)"
-            if precision_of(ds) == "fp32" else "bf16 on CPU: emulated here, ~20x slower than fp32")
+    announce_device(ds, cuda, log)
     log(f"{info.world_size} rank(s) on {info.device.type}, ZeRO stage {ds['zero_optimization']['stage']}, "
         f"{precision_of(ds)}, global batch {global_batch}, method {cfg.method.name}, output {cfg.output_dir}")
-    if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        cfg.save(os.path.join(cfg.output_dir, "config.yaml"))  # the resolved config, to reproduce the run
-        with open(os.path.join(cfg.output_dir, "ds_config.json"), "w") as f:
-            json.dump(ds, f, indent=1)
+    write_run_files(cfg, ds, info)
     seed_everything(cfg.seed)  # same seed everywhere: identical init on every rank
     task = build_task(cfg.method.name, cfg, info, log)
 
     # -------------------------------------------------------------------- data
-    data_path = cfg.data.path
-    if not data_path:  # demo shards are generated on first use; rank 0 writes them, the rest wait
-        if info.is_main:
-            data_path = data.demo_shards()
-        dist.barrier()
-        data_path = data.demo_shards()
-    loader = data.ShardLoader(data_path, task.train_transform(), cfg.train.micro_batch_size, rank=info.rank,
+    loader = data.ShardLoader(data_path_or_demo(cfg.data.path, info), task.train_transform(), cfg.train.micro_batch_size, rank=info.rank,
                               world_size=info.world_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
                               resampled=cfg.data.resampled)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum_steps)

@@ -1,4 +1,5 @@
-"""Everything distributed about training: config, DeepSpeed engine, schedule, checkpoints, metrics.
+"""Everything distributed about training: config, DeepSpeed engine, loop, schedule, checkpoints, metrics, memory.
 
-One concern per module; nothing here imports `run_pretrain.py`, and model math lives in `models/`.
+One concern per module, none tied to a task: what is specific to a task lives in `scale.tasks`.
+Nothing here imports `run_*.py`, and model math lives in `models/`.
 """

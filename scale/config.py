@@ -321,6 +321,8 @@ class FinetuneSection:
     cutmix: float = 1.0  # alpha; 0 = off
     auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; "" = off
     re_prob: float = 0.25  # random erasing
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    color_jitter: float = 0.4
     layer_decay: float = 1.0  # LR x decay^(num_layers - 1 - layer id) (Microsoft's rule); 1 = off
     ema_decay: float = 0.0  # EMA of the weights, kept in fp32; 0 = off, e.g. 0.9999
     val_path: str = ""  # "" = the val split of data.path
@@ -333,6 +335,10 @@ class FinetuneSection:
             raise ConfigError("finetune.label_smoothing must be in [0, 1), finetune.mixup and finetune.cutmix >= 0")
         if not 0.0 <= self.re_prob <= 1.0:
             raise ConfigError(f"finetune.re_prob must be in [0, 1], got {self.re_prob}")
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ConfigError(f"finetune.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.color_jitter < 0:
+            raise ConfigError(f"finetune.color_jitter must be >= 0, got {self.color_jitter}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"finetune.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -35,6 +35,7 @@ class Trainer:
         self.loader: Any = None  # the loader being trained on; its position goes into checkpoints
         self.schedule: LRSchedule | None = None
         self.run_state: dict[str, Any] = {}  # the run script's own progress (stage, results), kept in checkpoints
+        self.saved_schedule: dict[str, Any] | None = None  # the resumed checkpoint's LR curve
         task.setup(engine)
 
     def resume(self, resume: str) -> dict[str, Any] | None:
@@ -58,9 +59,8 @@ class Trainer:
 
     def check_schedule(self, schedule: LRSchedule) -> None:
         """Say so when the resumed run's LR curve differs from the one the checkpoint was trained with."""
-        saved = getattr(self, "saved_schedule", None)
-        if saved is not None and saved != schedule.state_dict():
-            self.log(f"note: the LR schedule differs from the checkpoint's ({saved})")
+        if self.saved_schedule is not None and self.saved_schedule != schedule.state_dict():
+            self.log(f"note: the LR schedule differs from the checkpoint's ({self.saved_schedule})")
 
     def save(self) -> Path:
         """Checkpoint the run at the current step. Collective."""

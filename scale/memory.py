@@ -1,26 +1,26 @@
 """Per-device memory of one SwinV2 training step under DeepSpeed, and forward FLOPs, without allocating.
 
-Used before each fine-tuning stage to pick (`micro_batch: auto`) or check the micro-batch, so a stage
-that cannot fit is refused in one line instead of running out of memory. Everything is arithmetic on
-the model's shapes: the architecture is read from a model built once on the meta device (cached),
-the window geometry from the model's own helpers (`stage_window`, `window_mask_groups`).
+Before each fine-tuning stage the trainer picks (`micro_batch: auto`) or checks the micro-batch with
+this, and refuses a stage that cannot fit in one line instead of running out of memory hours later.
+It is arithmetic on shapes: the architecture comes from a model built once on the meta device (cached),
+the window geometry from the model's own helpers (`stage_window`, `window_mask_groups`, its thresholds).
 
-The terms and what they hold (per device):
-* params: the weights DeepSpeed keeps in the model dtype: all of them (ZeRO 0-2), or a 1/world share
-  plus the gathered working set (ZeRO-3; the repo's zero3.json keeps up to 1e9 gathered, see below).
-* grads: gradient storage alive during backward (full for ZeRO 0-1, a 1/world share for 2-3) plus
-  DeepSpeed's reduce bucket, and the end-of-backward/step copies where they outgrow the activations
-  they replace (they run after the activations are freed).
-* optimizer: fp32 master weights (stage_1_and_2 and stage3 clone them even for fp32 training) and
-  Adam's two moments, a 1/world share for ZeRO >= 1, nothing on the device when offloaded.
-* activations: the peak of the saved-for-backward tensors plus the working set of the op running at
-  that moment, walked forward and backward over the model's real op sequence (see `_block_ops`).
+Terms (per device):
+* params: weights in the model dtype: all of them (ZeRO 0-2), or a 1/world share plus the gathered
+  working set (ZeRO-3; zero3.json lets up to 1e9 gathered weights stay live).
+* grads: gradient memory on top of the activations' peak: DeepSpeed's reduce bucket and partitions,
+  the .grad that ZeRO 0-1 fill while activations are being freed, and the copies made after backward.
+* optimizer: fp32 master weights and Adam's two moments, a 1/world share for ZeRO >= 1, 0 when offloaded.
+* activations: the peak of tensors saved for backward plus the working set of the op running then,
+  walked forward and backward over the ops each block really dispatches to (see `_block_ops`), times
+  the allocator's overhead (ALLOCATOR_OVERHEAD).
 * buffers: per-block coordinate tables, indices, window orders and masks at this resolution.
 * runtime: given by the caller (CUDA context; on the CPU the RSS before the model is built).
-Checked against peak RSS of real DeepSpeed CPU steps by benchmarks/bench_memory.py (RESULTS.md).
+benchmarks/bench_memory.py checks it against the peak RSS of real DeepSpeed steps (RESULTS.md).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import asdict, dataclass
@@ -33,10 +33,15 @@ from models import swin_transformer_v2 as swin
 __all__ = ["MemoryEstimate", "estimate_memory", "max_micro_batch", "device_memory_budget", "flops_per_image",
            "format_bytes"]
 
-# DeepSpeed settings of ds_configs/*.json that size buffers (elements)
+# settings of ds_configs/*.json that size DeepSpeed's buffers (elements)
 REDUCE_BUCKET_ELEMENTS = {0: 0, 1: 200_000_000, 2: 200_000_000, 3: 100_000_000}
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # with stage3_max_reuse_distance as large, gathered weights stay live
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # with stage3_max_reuse_distance as large, gathered weights stay
 CPB_HIDDEN = 512  # width of the log-CPB MLP
+# Memory an allocator holds per byte of live activations: on the CPU the peak RSS of bare fwd+bwd steps
+# was 1.05-1.19x (median 1.09) the tensors this module counts (which match the tensors autograd saves to
+# 0.5%): sub-MiB tensors come from glibc's heap, where freed holes between kept ones stay resident. On a
+# GPU the caching allocator's block rounding and fragmentation play the same part (not measured here).
+ALLOCATOR_OVERHEAD = 1.1
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,8 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class _Op:
-    """One step of the forward in bytes: kept for backward, extra live while it runs forward / backward,
-    and the weight gradients its backward leaves behind (.grad, where they accumulate)."""
+    """A step of the forward, in bytes: what it keeps for backward, what else is live while it runs
+    forward / backward, and the weight gradients (.grad) its backward leaves behind."""
     saved: int
     fwd: int = 0
     bwd: int = 0
@@ -66,11 +71,11 @@ class _Op:
 
 
 def _peak(ops: list[_Op], grads: bool = False) -> tuple[int, int]:
-    """(saved total, peak live bytes) of running `ops` forward and then backward.
+    """(saved total, peak live bytes) of running `ops` forward, then backward in reverse.
 
-    Forward, op k runs with everything saved before it alive; backward runs in reverse, op k's own
-    saved tensors still alive while its gradients are formed, and (grads=True) the weight gradients
-    made so far alive too: they grow while the activations shrink, so they overlap only in part.
+    Op k runs forward with everything saved before it alive, and backward with its own saved tensors
+    still alive; with grads=True the weight gradients made so far count too (they grow while the
+    activations shrink, so they overlap only in part).
     """
     saved, peak = 0, 0
     for op in ops:
@@ -85,45 +90,42 @@ def _peak(ops: list[_Op], grads: bool = False) -> tuple[int, int]:
 
 
 def _recomputed(ops: list[_Op], kept: int, fwd_extra: int = 0) -> _Op:
-    """`ops` under torch.utils.checkpoint: only `kept` bytes (the inputs) stay; backward replays them."""
-    _, peak = _peak(ops)
+    """`ops` under torch.utils.checkpoint: only `kept` bytes (its inputs) stay; backward replays them."""
+    peak = _peak(ops)[1]
     return _Op(saved=kept, fwd=peak + fwd_extra, bwd=peak, grad=sum(op.grad for op in ops))
-
-
-def _with_grad(ops: list[_Op], grad: int) -> list[_Op]:
-    """`ops` with `grad` bytes of weight gradients made at the start of their backward (a bound)."""
-    last = ops[-1]
-    return ops[:-1] + [_Op(last.saved, last.fwd, last.bwd, last.grad + grad)]
 
 
 @functools.lru_cache(maxsize=32)
 def _arch(name: str, overrides: tuple, task: str) -> torch.nn.Module:
-    """The model built on the meta device at its smallest size (the weights do not depend on resolution)."""
+    """The model on the meta device at its smallest input (its weights do not depend on the resolution)."""
     import models
 
     args = dict(overrides)
     stages = len(args.get("depths", (0,) * 4))
     args.update(img_size=args.get("patch_size", 4) * 2 ** (stages - 1), window_size=1, device="meta")
-    args.pop("pretrained_window_sizes", None)
     if task == "simmim":
         args.pop("num_classes", None)
         return models.build_simmim(name, **args)
     return models.build_model(name, **args)
 
 
-def _split(model_args: dict) -> tuple[str, tuple]:
-    args = dict(model_args)
-    name = args.pop("name")
-    for key in ("img_size", "window_size", "attn_backend", "attn_chunk_windows"):
-        args.pop(key, None)  # memory inputs, not architecture
-    return name, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in args.items()))
+def _model(model_args: dict, task: str) -> torch.nn.Module:
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in model_args.items() if k not in
+            ("name", "img_size", "window_size", "pretrained_window_sizes", "attn_backend", "attn_chunk_windows")}
+    return _arch(model_args["name"], tuple(sorted(args.items())), task)
 
 
 @functools.lru_cache(maxsize=256)
-def _mask_groups(size: tuple, padded: tuple, window: tuple, shift: tuple) -> tuple[tuple[int, bool], ...]:
-    """(windows per image, needs a mask pattern) of each attention call group, by the model's own rule."""
-    _, _, groups = swin.window_mask_groups(size, padded, window, shift)
-    return tuple((end - start, pattern >= 0) for start, end, pattern in groups)
+def _geometry(res: tuple, window: int, shifted: bool) -> tuple:
+    """(window hw, padded hw, tokens per window, windows per image, groups) of a block, by the model's rules.
+
+    groups: (windows per image, needs a mask pattern) of each attention call (`window_mask_groups`).
+    """
+    (wh, ww), shift = swin.stage_window(res, window)
+    padded = (math.ceil(res[0] / wh) * wh, math.ceil(res[1] / ww) * ww)
+    _, _, groups = swin.window_mask_groups(res, padded, (wh, ww), shift if shifted else (0, 0))
+    n_windows = padded[0] // wh * (padded[1] // ww)
+    return (wh, ww), padded, wh * ww, n_windows, tuple((end - start, pattern >= 0) for start, end, pattern in groups)
 
 
 def _attention_ops(windows: int, n: int, c: int, heads: int, kind: str, ab: int) -> list[_Op]:
@@ -150,31 +152,33 @@ def _attention_ops(windows: int, n: int, c: int, heads: int, kind: str, ab: int)
     return ops + [_Op(3 * tc + tw * heads * 4, fwd=tc, bwd=bwd), _Op(0, bwd=2 * tc)]
 
 
-def _block_ops(b: int, res: tuple, c: int, heads: int, hidden: int, window: int, shifted: bool, main_norm: bool,
-               backend: str, chunk_windows: int, cpu: bool, ab: int) -> list[_Op]:
-    """The ops of one SwinV2 block at batch b, following the dispatch of `SwinTransformerV2Block` on this device."""
-    (wh, ww), shift = swin.stage_window(res, window)
-    shift = shift if shifted else (0, 0)
-    padded = (math.ceil(res[0] / wh) * wh, math.ceil(res[1] / ww) * ww)
-    n, tokens = wh * ww, b * res[0] * res[1]
-    tp = b * padded[0] * padded[1]  # padded tokens
-    n_windows = padded[0] // wh * (padded[1] // ww)
-    groups = _mask_groups(res, padded, (wh, ww), shift)
+def _mlp_ops(tc: int, th: int) -> list[_Op]:
+    """fc1 -> GELU -> fc2 -> norm2 over tokens of tc bytes (th bytes hidden)."""
+    return [_Op(tc),  # fc1 input
+            _Op(th, fwd=th, bwd=2 * th),  # GELU input; its backward holds the gradients of both sides
+            _Op(th, bwd=tc + th),  # fc2 input
+            _Op(tc, fwd=2 * tc, bwd=2 * tc)]  # norm2 input; norm2 output and the residual sum
+
+
+def _block_ops(b: int, res: tuple, c: int, block: torch.nn.Module, window: int, backend: str, chunk_windows: int,
+               cpu: bool, ab: int) -> list[_Op]:
+    """The ops of one SwinV2 block at batch b, following `SwinTransformerV2Block`'s dispatch on this device."""
+    (wh, ww), padded, n, n_windows, groups = _geometry(res, window, block.shifted)
+    heads, hidden = block.attn.num_heads, block.mlp.fc1.out_features
+    tokens, tp = b * res[0] * res[1], b * padded[0] * padded[1]  # tokens, padded tokens
     bias = heads * n * n * ab
-    table = (2 * wh - 1) * (2 * ww - 1)
-    ops = [_Op(table * (CPB_HIDDEN + heads + 2) * ab, fwd=2 * bias, bwd=2 * bias)]  # log-CPB MLP -> (heads, N, N)
+    ops = [_Op((2 * wh - 1) * (2 * ww - 1) * (CPB_HIDDEN + heads + 2) * ab, fwd=2 * bias, bwd=2 * bias)]  # log-CPB
     dense = (cpu and backend != "sequential" and n < swin.CPU_FLASH_MIN_TOKENS and len(groups) > 1
              and n_windows * n * n <= swin.DENSE_MASK_ELEMENTS)
-    if dense:  # small CPU windows: one call over all windows, a per-window mask added to the scores
-        masks = n_windows * bias  # the (windows, heads, N, N) mask and, in backward, its gradient
-        call = _attention_ops(b * n_windows, n, c, heads, "plain", ab)
-        return ops + [_Op(tp * c * ab, fwd=masks, bwd=masks)] + call + _block_tail(tokens, tp, c, hidden, main_norm,
-                                                                                  backend, ab)
-    # a group's windows are a view of the (sorted) windows when contiguous (one image, one window, or all
-    # of them), else a copy; one view is enough to keep the whole (tokens, C) tensor alive for backward
-    copied = [count for count, _ in groups if b > 1 and 1 < count < n_windows]
-    ops.append(_Op((tp if len(copied) < len(groups) else 0) * c * ab + b * sum(copied) * n * c * ab))
-    for count, patterned in groups:
+    if dense:  # small CPU windows: one call over all windows with a per-window (windows, heads, N, N) mask
+        ops += [_Op(tp * c * ab, fwd=n_windows * bias, bwd=n_windows * bias)]
+        ops += _attention_ops(b * n_windows, n, c, heads, "plain", ab)
+    else:
+        # a group's windows are a view of the (sorted) windows when contiguous (one image, one window, or
+        # all of them), else a copy; a single view keeps the whole (tokens, C) tensor alive for backward
+        copied = [count for count, _ in groups if b > 1 and 1 < count < n_windows]
+        ops.append(_Op((tp if len(copied) < len(groups) else 0) * c * ab + b * sum(copied) * n * c * ab))
+    for count, patterned in () if dense else groups:
         w = b * count
         kind = backend  # the "auto" rule of WindowAttention._attend, per call
         if backend == "auto":
@@ -182,42 +186,28 @@ def _block_ops(b: int, res: tuple, c: int, heads: int, hidden: int, window: int,
         # dot_product_attention: matmul + softmax for small CPU windows, else a flash kernel
         flash = "plain" if cpu and n < swin.CPU_FLASH_MIN_TOKENS else ("flash_cpu" if cpu else "flash_gpu")
         inner = "plain" if kind == "plain" else flash
-        # each group attends with one (heads, N, N) mask: the bias itself, or bias + pattern (a new tensor);
-        # flash kernels and checkpointed chunks keep it for backward, plain attention adds it in place
-        keeps_mask = kind == "sequential" or inner != "plain"
-        kept_mask = bias if keeps_mask else 0
-        new_mask = bias if patterned and not keeps_mask else 0
-        if kind == "sequential":
+        # each call gets one (heads, N, N) mask: the bias, or bias + pattern (a new tensor); flash kernels
+        # and checkpointed chunks keep it for backward, plain attention adds it in place and drops it
+        kept_mask = bias if kind == "sequential" or inner != "plain" else 0
+        if kind == "sequential":  # chunk inputs (counted above) and the mask stay; outputs pile up for the cat
             chunk = chunk_windows or max(1, swin.SEQUENTIAL_CHUNK_ELEMENTS // (heads * n * n))
             call = _attention_ops(min(w, chunk), n, c, heads, flash, ab)
-            # only the chunk inputs (counted above) and the mask stay; chunk outputs pile up until the cat
             ops.append(_recomputed(call, kept=kept_mask, fwd_extra=2 * w * n * c * ab))
         else:
-            ops += [_Op(kept_mask, fwd=new_mask)] + _attention_ops(w, n, c, heads, inner, ab)
-    return ops + _block_tail(tokens, tp, c, hidden, main_norm, backend, ab)
-
-
-def _block_tail(tokens: int, tp: int, c: int, hidden: int, main_norm: bool, backend: str, ab: int) -> list[_Op]:
-    """After attention: windows back to the grid, norm1 and the residual, the MLP, the optional main norm."""
+            ops += [_Op(kept_mask, fwd=bias if patterned and not kept_mask else 0)]
+            ops += _attention_ops(w, n, c, heads, inner, ab)
     # windows back to the grid (restore order, reverse, roll): two copies live; norm1 keeps its (padded) input
-    ops = [_Op(tp * c * ab, fwd=2 * tp * c * ab, bwd=2 * tp * c * ab)]
+    ops.append(_Op(tp * c * ab, fwd=2 * tp * c * ab, bwd=2 * tp * c * ab))
     tc = tokens * c * ab
     if backend == "sequential" or (backend == "auto" and tokens * hidden > swin.AUTO_SEQUENTIAL_ELEMENTS["mlp"]):
         rows = min(tokens, max(1, swin.SEQUENTIAL_CHUNK_ELEMENTS // hidden))
         ops.append(_recomputed(_mlp_ops(rows * c * ab, rows * hidden * ab)[1:], kept=tc, fwd_extra=2 * tc))
     else:
         ops += _mlp_ops(tc, tokens * hidden * ab)
-    if main_norm:
+    if isinstance(block.main_norm, torch.nn.LayerNorm):
         ops.append(_Op(tc, fwd=tc, bwd=tc))
-    return ops
-
-
-def _mlp_ops(tc: int, th: int) -> list[_Op]:
-    """fc1 -> GELU -> fc2 -> norm2 over tokens of tc bytes (th bytes hidden): what each keeps and needs."""
-    return [_Op(tc),  # fc1 input
-            _Op(th, fwd=th, bwd=2 * th),  # GELU input; its backward holds the gradients of both sides
-            _Op(th, bwd=tc + th),  # fc2 input
-            _Op(tc, fwd=2 * tc, bwd=2 * tc)]  # norm2 input; norm2 output and the residual sum
+    # the block's weight gradients, all counted from the start of its backward (a bound)
+    return ops[:-1] + [_Op(ops[-1].saved, ops[-1].fwd, ops[-1].bwd, ab * sum(p.numel() for p in block.parameters()))]
 
 
 def _model_ops(model: torch.nn.Module, b: int, img: int, windows: list[int], backend: str, chunk_windows: int,
@@ -232,15 +222,13 @@ def _model_ops(model: torch.nn.Module, b: int, img: int, windows: list[int], bac
     def grad(module: torch.nn.Module) -> int:
         return ab * sum(p.numel() for p in module.parameters())
 
-    ops = [_Op(3 * pixels * ab + t0, fwd=t0, bwd=2 * t0, grad=grad(encoder.patch_embed))]
+    ops = [_Op(3 * pixels * ab + t0, fwd=t0, bwd=2 * t0, grad=grad(encoder.patch_embed))]  # images, norm input
     for i, stage in enumerate(encoder.layers):
         tc = tokens[i] * dims[i] * ab
         if i > 0:  # patch merging keeps the (tokens, 4C_prev) concat and the reduction's output for its norm
             ops.append(_Op(3 * tc, fwd=tc, bwd=3 * tc, grad=grad(stage.downsample)))
         for block in stage.blocks:
-            inner = _with_grad(_block_ops(b, res[i], dims[i], block.attn.num_heads, block.mlp.fc1.out_features,
-                                          windows[i], block.shifted, isinstance(block.main_norm, torch.nn.LayerNorm),
-                                          backend, chunk_windows, cpu, ab), grad(block))
+            inner = _block_ops(b, res[i], dims[i], block, windows[i], backend, chunk_windows, cpu, ab)
             ops.extend([_recomputed(inner, kept=tc)] if checkpointing else inner)
     last, rest = tokens[-1] * dims[-1] * ab, grad(model) - sum(op.grad for op in ops)
     if task == "simmim":  # decoder output, then the loss in fp32: prediction, targets, pixel mask, local statistics
@@ -248,20 +236,15 @@ def _model_ops(model: torch.nn.Module, b: int, img: int, windows: list[int], bac
     return ops + [_Op(last, fwd=last, bwd=last, grad=rest)]
 
 
-def _buffers(model: torch.nn.Module, img: int, windows: list[int], ab: int, task: str) -> int:
+def _buffers(encoder: torch.nn.Module, img: int, windows: list[int], ab: int) -> int:
     """Per-block coordinate table (float), relative position index (int64), window order/restore, masks."""
-    encoder = model.encoder if task == "simmim" else model
     total = 0
     for res, stage, window in zip(encoder.stage_resolutions((img, img)), encoder.layers, windows):
-        (wh, ww), shift = swin.stage_window(res, window)
-        padded = (math.ceil(res[0] / wh) * wh, math.ceil(res[1] / ww) * ww)
-        n, n_windows = wh * ww, padded[0] // wh * (padded[1] // ww)
         for block in stage.blocks:
-            groups = _mask_groups(res, padded, (wh, ww), shift if block.shifted else (0, 0))
-            patterns = sum(patterned for _, patterned in groups)
-            dense = len(groups) > 1 and n_windows * n * n <= swin.DENSE_MASK_ELEMENTS
-            total += (2 * wh - 1) * (2 * ww - 1) * 2 * ab + n * n * 8 + 2 * n_windows * 8
-            total += (patterns + (n_windows if dense else 0)) * n * n * ab
+            (wh, ww), _, n, n_windows, groups = _geometry(res, window, block.shifted)
+            dense = len(groups) > 1 and n_windows * n * n <= swin.DENSE_MASK_ELEMENTS  # per-window masks
+            masks = sum(patterned for _, patterned in groups) + (n_windows if dense else 0)
+            total += (2 * wh - 1) * (2 * ww - 1) * 2 * ab + n * n * 8 + 2 * n_windows * 8 + masks * n * n * ab
     return total
 
 
@@ -274,27 +257,26 @@ def _model_states(p: int, pb: int, zero_stage: int, world: int, offload: str, cp
     in the model dtype. Gradients go through a reduce bucket, a torch.empty: a GPU allocates it whole,
     on the CPU only the pages grads are copied into become resident. Adam's moments are fp32.
 
-    Returns params, optimizer, grads_kept (gradient memory alive through backward), accumulates (the
-    module's .grad fill up during backward: ZeRO 0-1), end (copies made once backward is over: reduction,
-    the step's flat fp32 gradients) and overlaps (whether those copies already happen during backward).
+    Returns params, optimizer, kept (gradient memory alive through backward), accumulates (1: .grad fills
+    up during backward, ZeRO 0-1), end (copies made once backward is over: reductions, the step's flat
+    fp32 gradients) and overlaps (1: those copies already happen during backward).
     """
     bucket = REDUCE_BUCKET_ELEMENTS[zero_stage]
     bucket_bytes = min(p, bucket) * pb if cpu else bucket * pb * (2 if zero_stage == 2 else 1)  # overlap_comm: 2
-    optimizer = 0 if offload != "none" else (4 + 8) * p // world
     partition = pb * p // world
     cast = 4 * p // world if pb != 4 and offload == "none" else 0  # the step's fp32 copy of the gradients
-    states = dict(params=pb * p, optimizer=optimizer, grads_kept=0, accumulates=1, end=0, overlaps=0)
+    states = dict(params=pb * p, optimizer=0 if offload != "none" else 12 * p // world, kept=0, accumulates=1,
+                  end=0, overlaps=0)
     if zero_stage == 0:  # the torch optimizer on the module's own weights, moments in their dtype
         states.update(optimizer=0 if offload != "none" else 2 * pb * p)
     elif zero_stage == 1:  # .grad of every weight until backward ends; the bucket is filled after it (CPU)
-        states.update(grads_kept=0 if cpu else bucket_bytes, end=max(bucket_bytes if cpu else 0, partition + cast))
+        states.update(kept=0 if cpu else bucket_bytes, end=max(bucket_bytes if cpu else 0, partition + cast))
     elif zero_stage == 2:  # grads go through the bucket as they arrive; the partition is made at its first flush
-        states.update(grads_kept=bucket_bytes + (partition if p > bucket else 0), accumulates=0,
+        states.update(kept=bucket_bytes + (partition if p > bucket else 0), accumulates=0,
                       end=(0 if p > bucket else partition) + cast)
-    else:  # ZeRO-3; zero3.json's max_live_parameters and max_reuse_distance (1e9) keep gathered weights live
+    else:  # reduce-scatter copies of a full bucket (measured: 2 x 4P at 1 rank), during backward once p > bucket
         gathered = min(p, STAGE3_MAX_LIVE_PARAMETERS) * pb if world > 1 else 0
-        # reduce-scatter copies of a full bucket (measured: 2 x 4P at 1 rank), during backward once p > bucket
-        states.update(params=partition + gathered, grads_kept=partition + bucket_bytes, accumulates=0,
+        states.update(params=partition + gathered, kept=partition + bucket_bytes, accumulates=0,
                       end=2 * min(p, bucket) * pb, overlaps=int(p > bucket))
     return states
 
@@ -309,8 +291,6 @@ def estimate_memory(model_args: dict, *, img_size: int, window_size: int | list[
     device_type picks the kernels the model dispatches to ("cuda": fused attention keeps O(N) per row;
     "cpu": matmul + softmax below 1024-token windows, the CPU flash kernel above); None means "cuda" for
     bf16 and "cpu" for fp32, the trainer's defaults. `pretrained_window_sizes` changes no memory.
-    grads_bytes is the gradient memory on top of the activations' peak: weight gradients made while the
-    activations are being freed only partly add to it.
     """
     if precision not in ("bf16", "fp32") or offload not in ("none", "cpu", "nvme") or zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"precision={precision!r}, offload={offload!r}, zero_stage={zero_stage!r}: expected "
@@ -320,7 +300,7 @@ def estimate_memory(model_args: dict, *, img_size: int, window_size: int | list[
                          f"(classifier|simmim), micro_batch={micro_batch} (>= 1)")
     if attn_backend == "auto":
         attn_backend = model_args.get("attn_backend", "auto")
-    model = _arch(*_split(model_args), task)
+    model = _model(model_args, task)
     encoder = model.encoder if task == "simmim" else model
     windows = [window_size] * len(encoder.depths) if isinstance(window_size, int) else list(window_size)
     cpu = (device_type or ("cuda" if precision == "bf16" else "cpu")) == "cpu"
@@ -332,18 +312,18 @@ def estimate_memory(model_args: dict, *, img_size: int, window_size: int | list[
     activations = _peak(ops)[1]
     during = _peak(ops, grads=True)[1] if s["accumulates"] else activations
     after = s["accumulates"] * ab * p + s["end"]  # backward done: all .grad and the copies, no activations
-    peak = during + s["end"] if s["overlaps"] else max(during, after)
-    grads = s["grads_kept"] + peak - activations
-    buffers = _buffers(model, img_size, windows, ab, task)
+    grads = s["kept"] + (during + s["end"] if s["overlaps"] else max(during, after)) - activations
+    activations = int(activations * ALLOCATOR_OVERHEAD)
+    buffers = _buffers(encoder, img_size, windows, ab)
     total = s["params"] + grads + s["optimizer"] + activations + buffers + runtime_bytes
     return MemoryEstimate(s["params"], grads, s["optimizer"], activations, buffers, runtime_bytes, total)
 
 
 def max_micro_batch(model_args: dict, *, budget_bytes: int, limit: int = 4096, **kwargs) -> int:
-    """Largest micro-batch <= limit whose estimate fits `budget_bytes`; 0 when even 1 does not.
+    """Largest micro-batch <= limit whose estimate fits `budget_bytes`, 0 when even 1 does not.
 
-    kwargs are those of `estimate_memory` except micro_batch. Memory grows with the batch, so this
-    doubles up to the first misfit and bisects below it.
+    kwargs are those of `estimate_memory` but micro_batch. Memory grows with the batch: double up to the
+    first misfit, then bisect.
     """
     def fits(b: int) -> bool:
         return estimate_memory(model_args, micro_batch=b, **kwargs).total_bytes <= budget_bytes
@@ -354,9 +334,7 @@ def max_micro_batch(model_args: dict, *, budget_bytes: int, limit: int = 4096, *
     while bad is None and good < limit:
         step = min(2 * good, limit)
         good, bad = (step, None) if fits(step) else (good, step)
-    if bad is None:
-        return good
-    while bad - good > 1:
+    while bad is not None and bad - good > 1:
         mid = (good + bad) // 2
         good, bad = (mid, bad) if fits(mid) else (good, mid)
     return good
@@ -374,12 +352,10 @@ def device_memory_budget(device: torch.device, *, local_ranks: int = 1, headroom
 
 
 def flops_per_image(model_args: dict, *, img_size: int, window_size: int | list[int], task: str = "classifier") -> int:
-    """Forward FLOPs of one image (`models.estimate_flops` on the meta-built model at these windows)."""
-    import copy
-
+    """Forward FLOPs of one image: `models.estimate_flops` on the meta-built model at these windows."""
     from models import estimate_flops
 
-    model = copy.copy(_arch(*_split(model_args), task))  # shallow copies: the cached model keeps its windows
+    model = copy.copy(_model(model_args, task))  # shallow copies, so the cached model keeps its windows
     encoder = model
     if task == "simmim":
         model._modules = dict(model._modules)

@@ -108,3 +108,21 @@ def test_finetune_config_errors_are_one_line(override, fragment):
 def test_global_batch_must_divide_over_ranks():
     with pytest.raises(ConfigError, match="not divisible by the 3 ranks"):
         _plan(load_finetune_config(None), world=3)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pretrained", "/no/such/weights.pth"], "--pretrained /no/such/weights.pth does not exist"),
+    (["--pretrained", str(REPO / "configs")], "no complete checkpoint"),
+    (["--config", str(REPO / "configs")], "is a folder"),
+])
+def test_cli_errors_fail_fast_in_one_line(tmp_path, args, fragment):
+    """run_finetune.py refuses bad input in one line, exit 2, before DeepSpeed starts or an output dir exists."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "run_finetune.py"), *args, f"output_dir={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr[-2000:]
+    assert lines[0].startswith("config error: ") and not out.exists()

@@ -84,7 +84,8 @@ class ClassificationTask(Task):
     def train_transform(self) -> Callable:
         f = self.cfg.finetune
         return data.build_finetune_transform(self.stage.img_size, auto_augment=f.auto_augment or None,
-                                             re_prob=f.re_prob)
+                                             re_prob=f.re_prob, color_jitter=f.color_jitter,
+                                             scale=tuple(f.crop_scale))
 
     def eval_transform(self) -> Callable:
         """Resize and centre crop at the current stage's resolution."""
