@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                             budget_bytes=device_memory_budget(info.device, local_ranks=local_world_size()),
                             zero_stage=zero_stage(ds), offload=offload_of(ds),
                             precision=planned_precision(ds, cfg.train.precision, cuda),
-                            runtime_bytes=runtime_bytes, even_micro_batch=mixes(cfg.finetune))
+                            runtime_bytes=runtime_bytes, even_micro_batch=mixes(cfg.finetune),
+                            device_type=info.device.type)
         global_batch = cfg.train.global_batch_size
         peak_lr = cfg.optim.lr * global_batch / cfg.optim.lr_batch_base
         ds = fill_ds_config(ds, cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr,

@@ -35,7 +35,7 @@ __all__ = ["MemoryEstimate", "estimate_memory", "max_micro_batch", "device_memor
 
 # settings of ds_configs/*.json that size DeepSpeed's buffers (elements)
 REDUCE_BUCKET_ELEMENTS = {0: 0, 1: 200_000_000, 2: 200_000_000, 3: 100_000_000}
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # with stage3_max_reuse_distance as large, gathered weights stay
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # and as large a reuse distance: gathered weights stay live
 CPB_HIDDEN = 512  # width of the log-CPB MLP
 # Memory an allocator holds per byte of live activations: on the CPU the peak RSS of bare fwd+bwd steps
 # was 1.05-1.19x (median 1.09) the tensors this module counts (which match the tensors autograd saves to

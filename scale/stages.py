@@ -47,7 +47,7 @@ def _divisors_up_to(n: int, limit: int, even: bool) -> list[int]:
 
 def plan_stages(cfg: FinetuneConfig, *, world_size: int, samples_per_rank: int, budget_bytes: int,
                 zero_stage: int, offload: str, precision: str, runtime_bytes: int = 0,
-                even_micro_batch: bool = False) -> list[StagePlan]:
+                even_micro_batch: bool = False, device_type: str | None = None) -> list[StagePlan]:
     """Plan every stage of `cfg`; raises ConfigError naming the stage and the fix when one cannot run.
 
     Args:
@@ -56,6 +56,7 @@ def plan_stages(cfg: FinetuneConfig, *, world_size: int, samples_per_rank: int, 
         zero_stage, offload, precision: as the DeepSpeed config will run.
         runtime_bytes: memory the process holds before the model exists (CPU: its RSS).
         even_micro_batch: the recipe mixes pairs of images (mixup/cutmix), so micro-batches must be even.
+        device_type: "cuda" or "cpu", whose attention kernels the memory plan models (None: by precision).
     """
     global_batch = cfg.train.global_batch_size
     if global_batch % world_size:
@@ -69,7 +70,7 @@ def plan_stages(cfg: FinetuneConfig, *, world_size: int, samples_per_rank: int, 
     memory_args = dict(zero_stage=zero_stage, world_size=world_size, offload=offload,
                        checkpointing=cfg.model.grad_checkpointing, attn_backend=cfg.model.attn_backend,
                        precision=precision, pretrained_window_sizes=cfg.model.pretrained_window_sizes,
-                       task="classifier", runtime_bytes=runtime_bytes)
+                       task="classifier", runtime_bytes=runtime_bytes, device_type=device_type)
     lengths = []
     for stage in cfg.stages:
         steps_per_epoch = max(1, samples_per_rank // per_rank)

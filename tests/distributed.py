@@ -27,8 +27,9 @@ def run_deepspeed(script: str, *args: str, num_procs: int = 2, timeout: float = 
     port = free_port()
     cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(num_procs),
            "--master_port", str(port), script, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    # the interpreter's bin first: a ninja from elsewhere on PATH would rebuild DeepSpeed's cached C++ ops
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd or REPO_ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
