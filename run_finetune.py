@@ -23,9 +23,10 @@ from scale.config import FINETUNE_DEMO_CONFIG, ConfigError, check_data_path, che
 from scale.dist import init_distributed, local_world_size, seed_everything
 from scale.ds_config import fill_ds_config, load_ds_config, planned_precision, precision_of, zero_stage
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.launch import announce_device, data_path_or_demo, start_process, trainer_arg_parser, write_run_files
+from scale.launch import (announce_device, config_error, data_path_or_demo, main_rank_log, start_process,
+                          trainer_arg_parser, write_run_files)
 from scale.loop import Trainer
-from scale.lr_schedule import build_lr_schedule
+from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.memory import device_memory_budget
 from scale.metrics import MetricsProcessor, device_peak_flops
 from scale.pretrained import load_weights, open_pretrained
@@ -59,9 +60,7 @@ def main(argv=None) -> int:
                                                  first_stage_windows(cfg))
         ds = load_ds_config(args.ds_config)
     except ConfigError as e:
-        if is_rank0:
-            print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return config_error(e, is_rank0)
 
     # -------------------------------------------------------------------- distributed setup
     import deepspeed.comm as dist
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
     import data
 
     info = init_distributed()
-    log = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+    log = main_rank_log(info)
     if args.config is None:
         log("no --config given: running the demo (configs/finetune/demo_progressive.yaml: 64 -> 96 -> 128 px on "
             "the demo shards); pass --config configs/finetune/<recipe>.yaml for a real run")
@@ -93,14 +92,13 @@ def main(argv=None) -> int:
                             runtime_bytes=runtime_bytes, even_micro_batch=mixes(cfg.finetune),
                             device_type=info.device.type)
         global_batch = cfg.train.global_batch_size
-        peak_lr = cfg.optim.lr * global_batch / cfg.optim.lr_batch_base
+        peak_lr = scale_lr(cfg.optim.lr, global_batch, cfg.optim.lr_batch_base)
         ds = fill_ds_config(ds, cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr,
                             micro_batch=plans[0].micro_batch, grad_accum_steps=plans[0].grad_accum_steps)
+        resuming = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=info.rank).resolve_resume(cfg.resume)
     except (ConfigError, ValueError) as e:
-        if info.is_main:
-            print(f"config error: {e}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
-        return 2
+        return config_error(e, info.is_main)
     announce_device(ds, cuda, log)
     total_steps = plans[-1].end_step
     log(f"{info.world_size} rank(s) on {info.device.type}, ZeRO stage {zero_stage(ds)}, {precision_of(ds)}, "
@@ -114,7 +112,6 @@ def main(argv=None) -> int:
     # -------------------------------------------------------------------- model (+ pretrained weights), engine
     with partitioned(ds):  # ZeRO-3: every rank holds only its shard from the start
         model = task.build_model()
-    resuming = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=info.rank).resolve_resume(cfg.resume)
     if source is not None and resuming is None:  # before deepspeed.initialize, which copies the fp32 master weights
         report = load_weights(model.encoder, source, zero3=zero_stage(ds) == 3, is_main=info.is_main)
         log(f"loaded {source.kind} weights {source.path}: {report}")

@@ -19,7 +19,8 @@ from scale.config import DEMO_CONFIG, ConfigError, check_data_path, check_model_
 from scale.dist import init_distributed, seed_everything
 from scale.ds_config import fill_ds_config, load_ds_config, precision_of
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.launch import announce_device, data_path_or_demo, start_process, trainer_arg_parser, write_run_files
+from scale.launch import (announce_device, config_error, data_path_or_demo, main_rank_log, start_process,
+                          trainer_arg_parser, write_run_files)
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.metrics import MetricsProcessor, device_peak_flops
@@ -44,9 +45,7 @@ def main(argv=None) -> int:
         peak_lr = scale_lr(cfg.optim.lr, global_batch, cfg.optim.lr_batch_base)
         ds = fill_ds_config(load_ds_config(args.ds_config), cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr)
     except ConfigError as e:
-        if is_rank0:
-            print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return config_error(e, is_rank0)
 
     # -------------------------------------------------------------------- distributed setup
     import deepspeed.comm as dist
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
     import data
 
     info = init_distributed()
-    log = (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
+    log = main_rank_log(info)
     if args.config is None:
         log("no --config given: running the demo (configs/pretrain/demo.yaml: a small SwinV2 on generated "
             "demo shards); pass --config configs/pretrain/<size>.yaml for a real run")
@@ -66,9 +65,9 @@ def main(argv=None) -> int:
     task = build_task(cfg.method.name, cfg, info, log)
 
     # -------------------------------------------------------------------- data
-    loader = data.ShardLoader(data_path_or_demo(cfg.data.path, info), task.train_transform(), cfg.train.micro_batch_size, rank=info.rank,
-                              world_size=info.world_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                              resampled=cfg.data.resampled)
+    loader = data.ShardLoader(data_path_or_demo(cfg.data.path, info), task.train_transform(),
+                              cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
+                              num_workers=cfg.data.num_workers, seed=cfg.seed, resampled=cfg.data.resampled)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or round(cfg.train.epochs * steps_per_epoch)
     schedule = build_lr_schedule(cfg.schedule, lr=cfg.optim.lr, global_batch=global_batch,

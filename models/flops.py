@@ -5,7 +5,7 @@ convolution, attention included); norms, softmax and elementwise ops are left ou
 are negligible and not tensor-core work. Padded windows are counted: they are computed.
 """
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch.nn as nn
 

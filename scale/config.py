@@ -336,7 +336,8 @@ class FinetuneSection:
         if not 0.0 <= self.re_prob <= 1.0:
             raise ConfigError(f"finetune.re_prob must be in [0, 1], got {self.re_prob}")
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise ConfigError(f"finetune.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+            raise ConfigError(f"finetune.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                              f"got {self.crop_scale}")
         if self.color_jitter < 0:
             raise ConfigError(f"finetune.color_jitter must be >= 0, got {self.color_jitter}")
         if not 0.0 < self.layer_decay <= 1.0:

@@ -25,7 +25,7 @@ def resolve_precision(requested: str, cuda: bool) -> str:
 
 
 def planned_precision(raw: dict[str, Any], requested: str, cuda: bool) -> str:
-    """'bf16' or 'fp32', as `fill_ds_config` will settle it: the YAML's choice, or the JSON's when the YAML says auto."""
+    """'bf16' or 'fp32', as `fill_ds_config` settles it: the YAML's choice, or the JSON's when the YAML says auto."""
     enabled = raw.get("bf16", {}).get("enabled", AUTO)
     if requested == "auto" and enabled != AUTO:
         return "bf16" if enabled else "fp32"  # the JSON decides when the YAML does not

