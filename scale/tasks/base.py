@@ -52,6 +52,10 @@ class Task:
     def draw(self, engine: Any, step: int, batch: dict[str, Any], logger: Any) -> None:
         """Write pictures of what the model does to `logger`. Collective under ZeRO-3: every rank calls it."""
 
+    def evaluate(self, engine: Any, loader: Any) -> dict[str, float]:
+        """Scores of the model on `loader` (the same on every rank). Collective under ZeRO-3; none by default."""
+        return {}
+
     def flops_per_image(self, model: nn.Module) -> int:
         """Analytic forward FLOPs of one image at the model's current input size (for MFU)."""
         import models
