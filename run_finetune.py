@@ -18,7 +18,7 @@ import os
 import resource
 import sys
 
-from scale.checkpoint import CheckpointManager
+from scale.checkpoint import CheckpointManager, tag_for
 from scale.config import FINETUNE_DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_finetune_config
 from scale.dist import init_distributed, local_world_size, seed_everything
 from scale.ds_config import fill_ds_config, load_ds_config, planned_precision, precision_of, zero_stage
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             results.append({"img_size": plan.img_size, "window_size": plan.window_size, **scores,
                             "epochs": plan.epochs, "steps": plan.end_step - plan.start_step,
                             "micro_batch": plan.micro_batch, "grad_accum_steps": plan.grad_accum_steps,
-                            "checkpoint": f"step_{trainer.step:08d}"})
+                            "checkpoint": tag_for(trainer.step)})
             top1 = max(v for k, v in scores.items() if k.endswith("top1"))
             log(f"stage {plan.index + 1}/{len(plans)} at {plan.img_size}px: " +
                 ", ".join(f"{k} {v:.2f}%" for k, v in scores.items()))
