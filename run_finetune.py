@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_finetune_config(args.config, args.overrides + ([f"pretrained={args.pretrained}"]
                                                                   if args.pretrained else []))
-        check_model_name(cfg)
+        check_model_name(cfg, cuda)
         check_data_path(cfg)
         source = open_pretrained(cfg.pretrained) if cfg.pretrained else None
         # the log-CPB MLP keeps seeing coordinates on the scale it learned: normalise by its pretraining windows

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     # -------------------------------------------------------------------- config: fail fast, in one line
     try:
         cfg = load_config(args.config, args.overrides)
-        check_model_name(cfg)
+        check_model_name(cfg, cuda)
         check_data_path(cfg)
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
         peak_lr = scale_lr(cfg.optim.lr, global_batch, cfg.optim.lr_batch_base)

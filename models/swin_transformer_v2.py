@@ -4,10 +4,10 @@ Paper: `Swin Transformer V2: Scaling Up Capacity and Resolution`, https://arxiv.
 
 Same numerics as Microsoft's release and timm's port (residual post-norm, scaled cosine
 attention, log-spaced continuous position bias, V2 patch merging), with three additions that
-large-scale training needs:
+large-scale training needs, whose kernels live in models/attention.py:
 
-* attention through `F.scaled_dot_product_attention`, with the shifted-window mask kept
-  separable from the position bias so no (windows, heads, N, N) tensor is ever built;
+* the shifted-window mask kept separable from the position bias, so fused attention kernels
+  never see a (windows, heads, N, N) tensor;
 * a sequential attention path ("sequential self-attention" in the paper) that runs windows
   in checkpointed chunks, so attention memory stops growing with the number of windows;
 * internal padding for stages whose resolution is not a multiple of the window (1536px at
@@ -28,24 +28,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from .attention import (ATTN_BACKENDS, DENSE_MASK_ELEMENTS, AttentionPath, attend, attention_path, mlp_chunk_rows,
+                        run_in_chunks, window_mask_groups, window_partition, window_reverse)
+
 __all__ = ["SwinTransformerV2", "build_model", "list_models", "checkpoint_filter_fn", "stage_window", "ATTN_BACKENDS"]
 
-ATTN_BACKENDS = ("auto", "fused", "sequential", "plain")
-# Shifted-window mask value of the published model: exp(-100) is 0 after softmax in fp32/bf16.
-MASK_VALUE = -100.0
-# The sequential path keeps one chunk's intermediates alive at a time, each about this many
-# elements (attention scores or MLP hidden units): 2^24 = 64 MiB in fp32.
-SEQUENTIAL_CHUNK_ELEMENTS = 2 ** 24
-# "auto" goes sequential above this many elements in one call (scores for attention, hidden
-# units for the MLP): below it, keeping the whole call's intermediates is cheaper than recomputing.
-AUTO_SEQUENTIAL_ELEMENTS = {"attention": 2 ** 31, "mlp": 2 ** 25}
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 NORMALIZE_EPS = 1e-12  # F.normalize's default, as in the published model
-# Window tokens from which the CPU flash kernel is used: below, matmul + softmax with per-window masks
-# trains faster; from 1024 (window 32) on, flash keeps the (N, N) scores out of memory.
-CPU_FLASH_MIN_TOKENS = 1024
-# A per-window mask (num_windows, N, N) is kept for the small-window CPU path up to this size (16 MiB).
-DENSE_MASK_ELEMENTS = 2 ** 22
 
 IntOrPair = Union[int, tuple[int, int]]
 
@@ -65,65 +53,6 @@ def stage_window(resolution: tuple[int, int], window: int) -> tuple[tuple[int, i
     return window_hw, shift_hw
 
 
-def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W, C) -> (B, num_windows, window_h * window_w, C)."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window[0], window[0], W // window[1], window[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, window[0] * window[1], C)
-
-
-def window_reverse(windows: torch.Tensor, window: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """(B, num_windows, window_h * window_w, C) -> (B, H, W, C)."""
-    B, _, _, C = windows.shape
-    H, W = size
-    x = windows.view(B, H // window[0], W // window[1], window[0], window[1], C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
-
-
-def use_sequential(kind: str, elements: int) -> bool:
-    """The "auto" rule: chunk a training computation of `elements` intermediate values when large."""
-    return torch.is_grad_enabled() and elements > AUTO_SEQUENTIAL_ELEMENTS[kind]
-
-
-class CPUFlashAttentionWithBias(torch.autograd.Function):
-    """softmax(q @ k^T + bias) @ v on the CPU flash kernel, with a gradient for the bias.
-
-    torch's CPU flash kernel takes a float mask but no gradient for it, so with the trainable
-    log-CPB bias `scaled_dot_product_attention` falls back to its math path, which keeps every
-    window's (heads, N, N) probabilities for backward. Here forward and the q/k/v gradients run
-    in the flash kernels, and the bias gradient, the sum over windows of dS = P * (dP - rowsum(dO * O)),
-    is rebuilt a few windows at a time from the saved log-sum-exp: O(N) memory per window.
-    Measured on 2 CPU cores (16 windows x 3 heads x 1024 tokens, fwd+bwd): 2.8 s -> 1.3 s.
-    """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (W, heads, N, d), scale already folded into q; bias: (1, heads, N, N)."""
-        out, lse = _CPU_FLASH(q, k, v, attn_mask=bias, scale=1.0)
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=1.0)
-        grad_bias = None
-        if ctx.needs_input_grad[3]:
-            delta = (grad_out * out).sum(-1, keepdim=True)  # W, heads, N, 1
-            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-            chunk = max(1, SEQUENTIAL_CHUNK_ELEMENTS // bias.numel())
-            for start in range(0, q.shape[0], chunk):
-                piece = slice(start, start + chunk)
-                probs = torch.matmul(q[piece], k[piece].transpose(-2, -1)).add_(bias).sub_(lse[piece].unsqueeze(-1))
-                probs = probs.exp_()
-                grad_scores = torch.matmul(grad_out[piece], v[piece].transpose(-2, -1)).sub_(delta[piece]).mul_(probs)
-                grad_bias += grad_scores.sum(0, keepdim=True, dtype=torch.float32)
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_q, grad_k, grad_v, grad_bias
-
-
 def scaled_unit_rows(x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     """`F.normalize(x, dim=-1) * scale` in one pass over x.
 
@@ -132,39 +61,6 @@ def scaled_unit_rows(x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torc
     """
     inverse_norm = torch.rsqrt(x.square().sum(-1, keepdim=True).clamp_min(NORMALIZE_EPS ** 2))
     return x * (inverse_norm * scale)
-
-
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q @ k^T + mask) @ v with plain matmuls (small CPU windows, and the `plain` backend)."""
-    # in place: matmul keeps its inputs for backward, not its output, so the scores need no second buffer
-    return torch.softmax(torch.matmul(q, k.transpose(-2, -1)).add_(mask), dim=-1) @ v
-
-
-def dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q @ k^T + bias) @ v for (W, heads, N, d) windows and a (heads, N, N) bias, on the fastest kernel.
-
-    On the CPU the flash kernel only pays off in memory, for large windows. Whole SwinV2-T training
-    steps on 2 cores, flash vs matmul: window 12 (N=144) 2.35 vs 1.90 s, window 24 (N=576) 3.77 vs
-    3.43 s, window 32 (N=1024) 6.30 vs 6.02 s; SwinV2-B window 16 (N=256) 6.04 vs 5.55 s.
-    """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=1.0)
-    if _CPU_FLASH is None or q.shape[-2] < CPU_FLASH_MIN_TOKENS:
-        return softmax_attention(q, k, v, bias)
-    if bias.requires_grad and torch.is_grad_enabled():
-        return CPUFlashAttentionWithBias.apply(q, k, v, bias.unsqueeze(0))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), scale=1.0)
-
-
-def run_in_chunks(fn: Callable, x: torch.Tensor, chunk: int, *args: Any) -> torch.Tensor:
-    """fn over pieces of x along dim 0, concatenated: the paper's sequential processing.
-
-    Each piece is checkpointed when training, so only the piece inputs are kept for backward
-    and the intermediates are rebuilt one piece at a time.
-    """
-    if not torch.is_grad_enabled():
-        return torch.cat([fn(piece, *args) for piece in x.split(chunk)])
-    return torch.cat([checkpoint(fn, piece, *args, use_reentrant=False) for piece in x.split(chunk)])
 
 
 def log_cpb_coords(window: tuple[int, int], pretrained_window: tuple[int, int]) -> torch.Tensor:
@@ -189,56 +85,6 @@ def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
                                         torch.arange(window[1], dtype=torch.long), indexing="ij")).flatten(1)
     relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
     return (relative[..., 0] + window[0] - 1) * (2 * window[1] - 1) + relative[..., 1] + window[1] - 1
-
-
-def window_mask_groups(size: tuple[int, int], padded: tuple[int, int], window: tuple[int, int],
-                       shift: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
-    """Group the windows of a (padded, shifted) feature map by the additive mask they need.
-
-    Most windows need no mask at all; the rest share a handful of distinct patterns (last
-    row, last column, corner). Sorting windows by pattern lets attention add one (N, N)
-    pattern per group instead of materialising a mask per window.
-
-    Returns:
-        order: (num_windows,) permutation that makes every group contiguous.
-        patterns: (P, N, N) float masks, 0 or MASK_VALUE.
-        groups: (start, end, pattern index or -1 for "no mask") over the permuted windows.
-    """
-    Hp, Wp = padded
-    region = torch.zeros(Hp, Wp, dtype=torch.long)
-    if any(shift):
-        # the three bands of the published shifted-window mask, on the padded grid
-        bands_h = ((0, Hp - window[0]), (Hp - window[0], Hp - shift[0]), (Hp - shift[0], Hp))
-        bands_w = ((0, Wp - window[1]), (Wp - window[1], Wp - shift[1]), (Wp - shift[1], Wp))
-        for i, (h0, h1) in enumerate(bands_h):
-            for j, (w0, w1) in enumerate(bands_w):
-                region[h0:h1, w0:w1] = 3 * i + j
-    valid = torch.zeros(Hp, Wp, dtype=torch.long)
-    valid[:size[0], :size[1]] = 1
-    # padding is added before the cyclic shift, so the valid map is shifted like the tokens
-    valid = torch.roll(valid, shifts=(-shift[0], -shift[1]), dims=(0, 1))
-    region_windows = window_partition(region[None, :, :, None], window)[0, :, :, 0]  # nW, N
-    valid_windows = window_partition(valid[None, :, :, None], window)[0, :, :, 0]
-    keys, pattern_of_window = torch.unique(torch.cat([region_windows, valid_windows], 1), dim=0,
-                                           return_inverse=True)
-    N = window[0] * window[1]
-    patterns, pattern_ids = [], []
-    for key in keys:
-        reg, val = key[:N], key[N:]
-        blocked = (reg[:, None] != reg[None, :]) | (val[None, :] == 0)
-        if blocked.any():
-            pattern_ids.append(len(patterns))
-            patterns.append(blocked.float() * MASK_VALUE)
-        else:
-            pattern_ids.append(-1)
-    order = torch.argsort(pattern_of_window, stable=True)
-    counts = torch.bincount(pattern_of_window, minlength=len(keys)).tolist()
-    groups, start = [], 0
-    for key_index, count in enumerate(counts):
-        groups.append((start, start + count, pattern_ids[key_index]))
-        start += count
-    patterns = torch.stack(patterns) if patterns else torch.zeros(0, N, N)
-    return order, patterns, groups
 
 
 class ResPostNorm(nn.LayerNorm):
@@ -301,14 +147,15 @@ class WindowAttention(nn.Module):
         bias = table[self.relative_position_index.view(-1)].view(N, N, self.num_heads)
         return bias.permute(2, 0, 1).contiguous()
 
-    def forward(self, x: torch.Tensor, groups: Sequence[tuple[int, int, int]],
-                patterns: torch.Tensor) -> torch.Tensor:
-        """Attend within windows.
+    def forward(self, x: torch.Tensor, groups: Sequence[tuple[int, int, int]], patterns: torch.Tensor,
+                path: AttentionPath) -> torch.Tensor:
+        """Attend within windows, one call (or one chunked call) per mask group.
 
         Args:
             x: (B, num_windows, N, C) windows, sorted so each mask group is contiguous.
             groups: (start, end, pattern index or -1) over the window axis.
             patterns: (P, N, N) additive shift/padding masks.
+            path: kernel and chunking, from `models.attention.attention_path`.
 
         Returns:
             (B, num_windows, N, C).
@@ -319,33 +166,24 @@ class WindowAttention(nn.Module):
         for start, end, pattern in groups:
             mask = bias if pattern < 0 else bias + patterns[pattern].to(bias.dtype)
             windows = x[:, start:end].reshape(-1, N, C)
-            outputs.append(self._attend(windows, mask).view(B, end - start, N, C))
+            if path.chunk_windows:
+                out = run_in_chunks(self._attend, windows, path.chunk_windows, mask, path.kernel)
+            else:
+                out = self._attend(windows, mask, path.kernel)
+            outputs.append(out.view(B, end - start, N, C))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def _attend(self, windows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(W, N, C) windows sharing one (heads, N, N) additive mask -> (W, N, C)."""
-        scores_per_window = self.num_heads * windows.shape[1] ** 2
-        backend = self.backend
-        if backend == "auto":
-            backend = "sequential" if use_sequential("attention", windows.shape[0] * scores_per_window) else "fused"
-        if backend != "sequential":
-            return self._attend_chunk(windows, mask, backend == "plain")
-        chunk = self.chunk_windows or max(1, SEQUENTIAL_CHUNK_ELEMENTS // scores_per_window)
-        return run_in_chunks(self._attend_chunk, windows, chunk, mask, False)
-
-    def forward_dense(self, x: torch.Tensor, window_masks: torch.Tensor) -> torch.Tensor:
-        """Attend within all windows in one call, with one additive mask per window.
-
-        For small windows on the CPU: cheaper than sorting windows into mask groups.
+    def forward_per_window(self, x: torch.Tensor, window_masks: torch.Tensor) -> torch.Tensor:
+        """Attend within all windows in one matmul + softmax call, with one additive mask per window.
 
         Args:
             x: (B, num_windows, N, C) windows in grid order.
             window_masks: (num_windows, N, N) shift/padding masks.
         """
         mask = self.position_bias() + window_masks.unsqueeze(1).to(self.q_bias.dtype)  # nW, heads, N, N
-        return self._attend_chunk(x, mask, True)
+        return self._attend(x, mask, "matmul")
 
-    def _attend_chunk(self, windows: torch.Tensor, mask: torch.Tensor, plain: bool) -> torch.Tensor:
+    def _attend(self, windows: torch.Tensor, mask: torch.Tensor, kernel: str) -> torch.Tensor:
         """(..., N, C) windows and a mask broadcastable to (..., heads, N, N) -> (..., N, C)."""
         *lead, N, C = windows.shape
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
@@ -354,7 +192,7 @@ class WindowAttention(nn.Module):
         # cosine attention as dot-product attention: unit q and k, the per-head scale folded into q
         logit_scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
         q, k = scaled_unit_rows(q, logit_scale), scaled_unit_rows(k)
-        out = softmax_attention(q, k, v, mask) if plain else dot_product_attention(q, k, v, mask)
+        out = attend(q, k, v, mask, kernel)
         return self.proj(out.transpose(-3, -2).reshape(*lead, N, C))
 
 
@@ -415,12 +253,6 @@ class SwinTransformerV2Block(nn.Module):
         self.register_buffer("window_masks", None if window_masks is None else window_masks.to(device),
                              persistent=False)
 
-    def _dense_masks(self, x: torch.Tensor) -> bool:
-        # small CPU windows: one matmul + softmax call over all windows (timm's way) beats sorting
-        # windows into mask groups; large windows and GPUs keep the groups and their fused kernels
-        return (self.window_masks is not None and x.device.type == "cpu" and self.attn.backend != "sequential"
-                and self.window[0] * self.window[1] < CPU_FLASH_MIN_TOKENS)
-
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         pad_h, pad_w = self.padded[0] - H, self.padded[1] - W
@@ -429,13 +261,16 @@ class SwinTransformerV2Block(nn.Module):
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = window_partition(x, self.window)
-        if self._dense_masks(x):
-            windows = self.attn.forward_dense(windows, self.window_masks)
+        path = attention_path(self.attn.backend, x.device.type, heads=self.attn.num_heads, tokens=windows.shape[2],
+                              windows=windows.shape[0] * windows.shape[1], has_window_masks=self.window_masks is not None,
+                              training=torch.is_grad_enabled(), chunk_windows=self.attn.chunk_windows)
+        if path.per_window_masks:
+            windows = self.attn.forward_per_window(windows, self.window_masks)
         elif self.sorted_windows:
-            windows = self.attn(windows[:, self.window_order], self.mask_groups, self.mask_patterns)
+            windows = self.attn(windows[:, self.window_order], self.mask_groups, self.mask_patterns, path)
             windows = windows[:, self.window_restore]
         else:
-            windows = self.attn(windows, self.mask_groups, self.mask_patterns)
+            windows = self.attn(windows, self.mask_groups, self.mask_patterns, path)
         x = window_reverse(windows, self.window, self.padded)
         if any(self.shift):
             x = torch.roll(x, shifts=self.shift, dims=(1, 2))
@@ -443,11 +278,10 @@ class SwinTransformerV2Block(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        hidden = self.mlp.fc1.out_features
-        backend = self.attn.backend
-        if backend == "sequential" or (backend == "auto" and use_sequential("mlp", tokens.shape[0] * hidden)):
-            chunk = max(1, SEQUENTIAL_CHUNK_ELEMENTS // hidden)
-            return run_in_chunks(self._mlp_tokens, tokens, chunk).view_as(x)
+        rows = mlp_chunk_rows(self.attn.backend, tokens=tokens.shape[0], hidden=self.mlp.fc1.out_features,
+                              training=torch.is_grad_enabled())
+        if rows:
+            return run_in_chunks(self._mlp_tokens, tokens, rows).view_as(x)
         return self._mlp_tokens(x)
 
     def _mlp_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -539,8 +373,9 @@ class SwinTransformerV2(nn.Module):
             pretrained_window_sizes: per-stage window the log-CPB was pretrained at (0: none).
             drop_path_rate: stochastic depth, rising linearly over all blocks.
             main_norm_every: add a main-branch LayerNorm after every N-th block of a stage (SwinV2-H/G: 6).
-            attn_backend: "fused" (SDPA), "sequential" (checkpointed chunks of windows and tokens), "plain"
-                (matmul + softmax, the reference), or "auto" (sequential when attention is large).
+            attn_backend: "fused" (the device's fastest exact kernel), "sequential" (checkpointed chunks of
+                windows and tokens), "plain" (matmul + softmax, the reference), "flex" (flex_attention, GPU
+                training) or "auto" (sequential when attention is large); see models/attention.py.
             attn_chunk_windows: windows per chunk on the sequential path (0: automatic).
         """
         super().__init__()
@@ -617,6 +452,17 @@ class SwinTransformerV2(nn.Module):
         for module in self.modules():
             if isinstance(module, WindowAttention):
                 module.backend, module.chunk_windows = backend, chunk_windows
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """torch.compile every block in place, with and without activation checkpointing.
+
+        Compiling blocks rather than the whole model (regional compilation) keeps the graphs small: blocks
+        of one stage share a graph, so a 3B model compiles about as fast as a tiny one, and DeepSpeed's
+        per-module ZeRO-3 hooks outside the blocks stay eager.
+        """
+        for stage in self.layers:
+            for block in stage.blocks:
+                block.compile(**compile_kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True, offload_to_cpu: bool = False) -> None:
         """Recompute each block in backward instead of keeping its activations.

@@ -29,6 +29,10 @@ class ConfigError(ValueError):
     """A configuration mistake; its message is one line that names the key to fix."""
 
 
+# models.attention.ATTN_BACKENDS, spelled out so that parsing a config needs no torch (a test keeps them equal)
+ATTN_BACKENDS = ("auto", "fused", "sequential", "plain", "flex")
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """Which SwinV2 to pretrain. `None` means "the registered default for `name`"."""
@@ -41,7 +45,8 @@ class ModelConfig:
     window_size: int = 12
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False  # recompute blocks in backward: trades ~1/3 more compute for memory
-    attn_backend: str = "auto"  # auto | fused | sequential | plain (models.ATTN_BACKENDS; same numerics)
+    attn_backend: str = "auto"  # auto | fused | sequential | plain | flex (models/attention.py; same numerics)
+    compile: bool = False  # torch.compile each block (for GPUs: compiling takes minutes on a CPU)
     # windows the log-CPB MLP learned at, per stage; null = none (pretraining) or, when fine-tuning, the
     # pretrained run's (e.g. [12, 12, 12, 6] after 192/w12)
     pretrained_window_sizes: list[int] | None = None
@@ -57,8 +62,8 @@ class ModelConfig:
         if self.depths is not None and self.num_heads is not None and len(self.depths) != len(self.num_heads):
             raise ConfigError(f"model.depths has {len(self.depths)} stages but model.num_heads has "
                               f"{len(self.num_heads)}; give one entry per stage in both")
-        if self.attn_backend not in ("auto", "fused", "sequential", "plain"):
-            raise ConfigError(f"model.attn_backend must be auto, fused, sequential or plain, got {self.attn_backend!r}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ConfigError(f"model.attn_backend must be one of {', '.join(ATTN_BACKENDS)}, got {self.attn_backend!r}")
         stages = len(self.depths) if self.depths is not None else 4
         reduction = self.patch_size * 2 ** (stages - 1)
         if self.img_size % reduction:
@@ -519,12 +524,15 @@ def load_finetune_config(path: str | Path | None = None, overrides: list[str] | 
     return load_config(path, overrides, schema=FinetuneConfig, default=FINETUNE_DEMO_CONFIG)
 
 
-def check_model_name(cfg: RunConfig) -> None:
-    """Fail early, before DeepSpeed starts, on a model the registry cannot build.
+def check_model_name(cfg: RunConfig, cuda: bool = True) -> None:
+    """Fail early, before DeepSpeed starts, on a model the registry cannot build (or this device cannot train).
 
     Checks `model.name` and dry-builds the encoder on the meta device (no memory, ~1 s for
     SwinV2-G), so every shape rule the model enforces is reported here in one line.
     """
+    if cfg.model.attn_backend == "flex" and not cuda:
+        raise ConfigError("model.attn_backend=flex trains only on GPUs (torch's flex_attention has no CPU backward): "
+                          "use model.attn_backend=auto on the CPU")
     import models  # local: config parsing itself must not need torch-heavy imports
 
     names = list(models.list_models())

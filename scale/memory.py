@@ -3,7 +3,8 @@
 Before each fine-tuning stage the trainer picks (`micro_batch: auto`) or checks the micro-batch with
 this, and refuses a stage that cannot fit in one line instead of running out of memory hours later.
 It is arithmetic on shapes: the architecture comes from a model built once on the meta device (cached),
-the window geometry from the model's own helpers (`stage_window`, `window_mask_groups`, its thresholds).
+the window geometry from the model's own helpers (`stage_window`, `window_mask_groups`), the kernels from
+the model's own dispatch rule (`models.attention.attention_path`).
 
 Terms (per device):
 * params: weights in the model dtype: all of them (ZeRO 0-2), or a 1/world share plus the gathered
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from models import attention
 from models import swin_transformer_v2 as swin
 
 __all__ = ["MemoryEstimate", "estimate_memory", "max_micro_batch", "device_memory_budget", "flops_per_image",
@@ -123,7 +125,7 @@ def _geometry(res: tuple, window: int, shifted: bool) -> tuple:
     """
     (wh, ww), shift = swin.stage_window(res, window)
     padded = (math.ceil(res[0] / wh) * wh, math.ceil(res[1] / ww) * ww)
-    _, _, groups = swin.window_mask_groups(res, padded, (wh, ww), shift if shifted else (0, 0))
+    _, _, groups = attention.window_mask_groups(res, padded, (wh, ww), shift if shifted else (0, 0))
     n_windows = padded[0] // wh * (padded[1] // ww)
     return (wh, ww), padded, wh * ww, n_windows, tuple((end - start, pattern >= 0) for start, end, pattern in groups)
 
@@ -133,20 +135,22 @@ def _attention_ops(windows: int, n: int, c: int, heads: int, kind: str, ab: int)
 
     Saved: qkv (its q and k views feed the norms) and per-row norms, unit q and k, the projection input,
     and either the probabilities and a copy of v (probs @ v cannot fold the strided view of qkv)
-    ("plain": matmul + softmax), or the log-sum-exp, the output being the projection input read as a
-    view ("flash_cpu" / "flash_gpu": CPU flash or GPU memory-efficient kernel, O(N) per row).
+    ("matmul": matmul + softmax), or the log-sum-exp, the output being the projection input read as a
+    view ("cpu_flash" / "sdpa" / "flex": O(N) per row). `kind` is the kernel `attention_path` picks.
     """
     tw = windows * n  # tokens in the call
     tc, scores = tw * c * ab, tw * heads * n * ab
     ops = [_Op(3 * tc + 4 * tw * heads * ab, fwd=2 * tc)]  # qkv; the unit q and k being made
-    if kind == "plain":
+    if kind == "matmul":
         return ops + [_Op(2 * tc, fwd=scores),  # unit q and k; the scores
                       _Op(scores, fwd=scores, bwd=2 * scores),  # softmax output; grads of probs and scores
                       _Op(tc, fwd=tc, bwd=scores + 2 * tc),  # copy of v; grads of probs and v
                       _Op(tc, bwd=2 * tc)]  # projection input
     bwd = 4 * tc  # gradients of the output, q, k and v
-    if kind == "flash_cpu":  # the bias gradient is rebuilt SEQUENTIAL_CHUNK_ELEMENTS scores at a time
-        bwd += 2 * max(swin.SEQUENTIAL_CHUNK_ELEMENTS, heads * n * n) * ab + heads * n * n * 4
+    if kind == "cpu_flash":  # the bias gradient is rebuilt SEQUENTIAL_CHUNK_ELEMENTS scores at a time
+        bwd += 2 * max(attention.SEQUENTIAL_CHUNK_ELEMENTS, heads * n * n) * ab + heads * n * n * 4
+    elif kind == "flex":  # the gradient of the captured (heads, N, N) mask is accumulated in fp32
+        bwd += heads * n * n * 4
     else:  # GPU efficient attention allocates the bias gradient at the broadcast (windows, heads, N, N) shape
         bwd += windows * heads * n * n * ab
     return ops + [_Op(3 * tc + tw * heads * 4, fwd=tc, bwd=bwd), _Op(0, bwd=2 * tc)]
@@ -168,39 +172,35 @@ def _block_ops(b: int, res: tuple, c: int, block: torch.nn.Module, window: int, 
     tokens, tp = b * res[0] * res[1], b * padded[0] * padded[1]  # tokens, padded tokens
     bias = heads * n * n * ab
     ops = [_Op((2 * wh - 1) * (2 * ww - 1) * (CPB_HIDDEN + heads + 2) * ab, fwd=2 * bias, bwd=2 * bias)]  # log-CPB
-    dense = (cpu and backend != "sequential" and n < swin.CPU_FLASH_MIN_TOKENS and len(groups) > 1
-             and n_windows * n * n <= swin.DENSE_MASK_ELEMENTS)
-    if dense:  # small CPU windows: one call over all windows with a per-window (windows, heads, N, N) mask
+    has_window_masks = len(groups) > 1 and n_windows * n * n <= attention.DENSE_MASK_ELEMENTS
+    path = attention.attention_path(backend, "cpu" if cpu else "cuda", heads=heads, tokens=n, windows=b * n_windows,
+                                    has_window_masks=has_window_masks, training=True, chunk_windows=chunk_windows)
+    kind = path.kernel
+    if path.per_window_masks:  # small CPU windows: one call over all windows with a (windows, heads, N, N) mask
         ops += [_Op(tp * c * ab, fwd=n_windows * bias, bwd=n_windows * bias)]
-        ops += _attention_ops(b * n_windows, n, c, heads, "plain", ab)
+        ops += _attention_ops(b * n_windows, n, c, heads, kind, ab)
     else:
         # a group's windows are a view of the (sorted) windows when contiguous (one image, one window, or
         # all of them), else a copy; a single view keeps the whole (tokens, C) tensor alive for backward
         copied = [count for count, _ in groups if b > 1 and 1 < count < n_windows]
         ops.append(_Op((tp if len(copied) < len(groups) else 0) * c * ab + b * sum(copied) * n * c * ab))
-    for count, patterned in () if dense else groups:
+    for count, patterned in () if path.per_window_masks else groups:
         w = b * count
-        kind = backend  # the "auto" rule of WindowAttention._attend, per call
-        if backend == "auto":
-            kind = "sequential" if w * heads * n * n > swin.AUTO_SEQUENTIAL_ELEMENTS["attention"] else "fused"
-        # dot_product_attention: matmul + softmax for small CPU windows, else a flash kernel
-        flash = "plain" if cpu and n < swin.CPU_FLASH_MIN_TOKENS else ("flash_cpu" if cpu else "flash_gpu")
-        inner = "plain" if kind == "plain" else flash
-        # each call gets one (heads, N, N) mask: the bias, or bias + pattern (a new tensor); flash kernels
-        # and checkpointed chunks keep it for backward, plain attention adds it in place and drops it
-        kept_mask = bias if kind == "sequential" or inner != "plain" else 0
-        if kind == "sequential":  # chunk inputs (counted above) and the mask stay; outputs pile up for the cat
-            chunk = chunk_windows or max(1, swin.SEQUENTIAL_CHUNK_ELEMENTS // (heads * n * n))
-            call = _attention_ops(min(w, chunk), n, c, heads, flash, ab)
+        # each call gets one (heads, N, N) mask: the bias, or bias + pattern (a new tensor); fused kernels
+        # and checkpointed chunks keep it for backward, matmul attention adds it in place and drops it
+        kept_mask = bias if path.chunk_windows or kind != "matmul" else 0
+        if path.chunk_windows:  # chunk inputs (counted above) and the mask stay; outputs pile up for the cat
+            call = _attention_ops(min(w, path.chunk_windows), n, c, heads, kind, ab)
             ops.append(_recomputed(call, kept=kept_mask, fwd_extra=2 * w * n * c * ab))
         else:
             ops += [_Op(kept_mask, fwd=bias if patterned and not kept_mask else 0)]
-            ops += _attention_ops(w, n, c, heads, inner, ab)
+            ops += _attention_ops(w, n, c, heads, kind, ab)
     # windows back to the grid (restore order, reverse, roll): two copies live; norm1 keeps its (padded) input
     ops.append(_Op(tp * c * ab, fwd=2 * tp * c * ab, bwd=2 * tp * c * ab))
     tc = tokens * c * ab
-    if backend == "sequential" or (backend == "auto" and tokens * hidden > swin.AUTO_SEQUENTIAL_ELEMENTS["mlp"]):
-        rows = min(tokens, max(1, swin.SEQUENTIAL_CHUNK_ELEMENTS // hidden))
+    rows = attention.mlp_chunk_rows(backend, tokens=tokens, hidden=hidden, training=True)
+    if rows:
+        rows = min(tokens, rows)
         ops.append(_recomputed(_mlp_ops(rows * c * ab, rows * hidden * ab)[1:], kept=tc, fwd_extra=2 * tc))
     else:
         ops += _mlp_ops(tc, tokens * hidden * ab)
@@ -242,7 +242,7 @@ def _buffers(encoder: torch.nn.Module, img: int, windows: list[int], ab: int) ->
     for res, stage, window in zip(encoder.stage_resolutions((img, img)), encoder.layers, windows):
         for block in stage.blocks:
             (wh, ww), _, n, n_windows, groups = _geometry(res, window, block.shifted)
-            dense = len(groups) > 1 and n_windows * n * n <= swin.DENSE_MASK_ELEMENTS  # per-window masks
+            dense = len(groups) > 1 and n_windows * n * n <= attention.DENSE_MASK_ELEMENTS  # per-window masks
             masks = sum(patterned for _, patterned in groups) + (n_windows if dense else 0)
             total += (2 * wh - 1) * (2 * ww - 1) * 2 * ab + n * n * 8 + 2 * n_windows * 8 + masks * n * n * ab
     return total
@@ -295,8 +295,8 @@ def estimate_memory(model_args: dict, *, img_size: int, window_size: int | list[
     if precision not in ("bf16", "fp32") or offload not in ("none", "cpu", "nvme") or zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"precision={precision!r}, offload={offload!r}, zero_stage={zero_stage!r}: expected "
                          f"bf16|fp32, none|cpu|nvme, 0..3")
-    if attn_backend not in swin.ATTN_BACKENDS or task not in ("classifier", "simmim") or micro_batch < 1:
-        raise ValueError(f"attn_backend={attn_backend!r} (one of {swin.ATTN_BACKENDS}), task={task!r} "
+    if attn_backend not in attention.ATTN_BACKENDS or task not in ("classifier", "simmim") or micro_batch < 1:
+        raise ValueError(f"attn_backend={attn_backend!r} (one of {attention.ATTN_BACKENDS}), task={task!r} "
                          f"(classifier|simmim), micro_batch={micro_batch} (>= 1)")
     if attn_backend == "auto":
         attn_backend = model_args.get("attn_backend", "auto")

@@ -105,7 +105,7 @@ def reference_window_attention(block: SwinTransformerV2Block, x: torch.Tensor) -
 
 @pytest.mark.parametrize("resolution, window", [((8, 8), 4), ((10, 10), 4), ((9, 7), 4), ((6, 11), 3), ((26, 20), 12)])
 @pytest.mark.parametrize("shifted", [False, True])
-@pytest.mark.parametrize("backend", ["fused", "sequential", "plain"])
+@pytest.mark.parametrize("backend", ["fused", "sequential", "plain", "flex"])
 def test_window_attention_with_padding_matches_definition(resolution, window, shifted, backend):
     torch.manual_seed(0)
     block = perturb_(SwinTransformerV2Block(16, 2, resolution, window, 0, shifted=shifted,
@@ -115,12 +115,32 @@ def test_window_attention_with_padding_matches_definition(resolution, window, sh
         torch.testing.assert_close(block._attention(x), reference_window_attention(block, x), atol=1e-5, rtol=0)
 
 
+def test_attention_dispatch_rule():
+    from models.attention import AttentionPath, attention_path
+    small = dict(heads=3, tokens=144, windows=64, has_window_masks=True, training=True)
+    assert attention_path("auto", "cpu", **small) == AttentionPath("matmul", True, 0)
+    assert attention_path("auto", "cuda", **small) == AttentionPath("sdpa", False, 0)
+    assert attention_path("fused", "cpu", **{**small, "tokens": 1024}) == AttentionPath("cpu_flash", False, 0)
+    assert attention_path("plain", "cuda", **small) == AttentionPath("matmul", False, 0)
+    assert attention_path("flex", "cuda", **small) == AttentionPath("flex", False, 0)
+    assert attention_path("sequential", "cpu", **small, chunk_windows=5) == AttentionPath("matmul", False, 5)
+    # auto chunks only a training call above 2^31 scores, into 2^24-score chunks
+    huge = dict(small, tokens=1024, heads=16, windows=144, has_window_masks=False)
+    assert attention_path("auto", "cuda", **huge) == AttentionPath("sdpa", False, 1)
+    assert attention_path("auto", "cuda", **{**huge, "training": False}) == AttentionPath("sdpa", False, 0)
+    assert attention_path("auto", "cuda", **{**huge, "heads": 4}).chunk_windows == 0  # 0.6e9 scores
+    assert attention_path("sequential", "cuda", **{**huge, "heads": 4}).chunk_windows == 4
+    with pytest.raises(ValueError, match="flex.*CPU"):
+        attention_path("flex", "cpu", **small)
+    assert attention_path("flex", "cpu", **{**small, "training": False}).kernel == "flex"
+
+
 @pytest.mark.parametrize("flash_min_tokens", [None, 16])
 def test_attention_backends_agree_in_forward_and_backward_on_a_padded_model(monkeypatch, flash_min_tokens):
     # small chunks so that the sequential path really splits the MLP tokens too
-    monkeypatch.setattr("models.swin_transformer_v2.SEQUENTIAL_CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr("models.attention.SEQUENTIAL_CHUNK_ELEMENTS", 4096)
     if flash_min_tokens:  # the 6x6 windows then take the CPU flash kernel and the mask groups, as large ones do
-        monkeypatch.setattr("models.swin_transformer_v2.CPU_FLASH_MIN_TOKENS", flash_min_tokens)
+        monkeypatch.setattr("models.attention.CPU_FLASH_MIN_TOKENS", flash_min_tokens)
     torch.manual_seed(0)
     base = perturb_(build_model("swinv2_tiny", img_size=80, window_size=6, **TINY))
     x = torch.randn(2, 3, 80, 80)
@@ -136,8 +156,8 @@ def test_attention_backends_agree_in_forward_and_backward_on_a_padded_model(monk
 
 
 def test_cpu_flash_attention_gradients_match_autograd(monkeypatch):
-    from models.swin_transformer_v2 import CPUFlashAttentionWithBias
-    monkeypatch.setattr("models.swin_transformer_v2.SEQUENTIAL_CHUNK_ELEMENTS", 3 * 144 * 144 * 2)  # 2 windows
+    from models.attention import CPUFlashAttentionWithBias
+    monkeypatch.setattr("models.attention.SEQUENTIAL_CHUNK_ELEMENTS", 3 * 144 * 144 * 2)  # 2 windows
     torch.manual_seed(0)
     q, k, v = (torch.randn(5, 3, 144, 16, requires_grad=True) for _ in range(3))
     bias = (torch.randn(1, 3, 144, 144) * 4).requires_grad_()

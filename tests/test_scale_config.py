@@ -56,6 +56,7 @@ def test_override_types_are_converted_and_checked():
     ("train.precision=fp16", "train.precision must be auto, bf16 or fp32"),
     ("schedule.name=step", "schedule.milestones"),
     ("train.max_steps", "not of the form"),
+    ("model.attn_backend=flash", "model.attn_backend must be one of auto, fused, sequential, plain, flex"),
 ])
 def test_errors_are_one_line_and_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -66,6 +67,20 @@ def test_errors_are_one_line_and_name_the_key(override, fragment):
 def test_unknown_model_name():
     with pytest.raises(ConfigError, match="model.name='swinv2_tinny' is not registered"):
         check_model_name(load_config(None, ["model.name=swinv2_tinny"]))
+
+
+def test_attention_backends_are_the_models():
+    import models.attention
+    from scale.config import ATTN_BACKENDS
+    assert ATTN_BACKENDS == models.attention.ATTN_BACKENDS
+
+
+def test_flex_attention_is_refused_on_the_cpu_before_building():
+    cfg = load_config(None, ["model.attn_backend=flex"])
+    check_model_name(cfg, cuda=True)
+    with pytest.raises(ConfigError, match="model.attn_backend=flex trains only on GPUs") as e:
+        check_model_name(cfg, cuda=False)
+    assert "\n" not in str(e.value)
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -84,3 +84,11 @@ def device_images(images: torch.Tensor, engine: Any, mean: torch.Tensor, std: to
     if images.dtype == torch.uint8:
         images = data.normalize_images(images, mean, std)
     return images.to(engine.dtype)
+
+
+def apply_runtime_switches(encoder: nn.Module, model_cfg: Any) -> None:
+    """The `model:` switches that are not constructor arguments: activation checkpointing, torch.compile."""
+    if model_cfg.grad_checkpointing:
+        encoder.set_grad_checkpointing(True)
+    if model_cfg.compile:
+        encoder.compile_blocks()

@@ -19,7 +19,7 @@ from torch import nn
 import data
 from scale.ema import WeightEMA
 from scale.param_groups import build_param_groups
-from scale.tasks.base import Task
+from scale.tasks.base import Task, apply_runtime_switches
 
 
 def mixes(recipe: Any) -> bool:
@@ -63,8 +63,7 @@ class ClassificationTask(Task):
         import models
 
         encoder = models.build_model(self.cfg.model.name, num_classes=self.num_classes, **self.cfg.model.build_args())
-        if self.cfg.model.grad_checkpointing:
-            encoder.set_grad_checkpointing(True)
+        apply_runtime_switches(encoder, self.cfg.model)
         return ClassifierWithLoss(encoder)
 
     def setup(self, engine: Any) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 import data
 from models.simmim import local_statistics
-from scale.tasks.base import Task, device_images
+from scale.tasks.base import Task, apply_runtime_switches, device_images
 
 
 class SimMIMTask(Task):
@@ -33,8 +33,7 @@ class SimMIMTask(Task):
 
         model = models.build_simmim(self.cfg.model.name, norm_target_patch_size=self.cfg.simmim.norm_target_patch_size,
                                     **self.cfg.model.build_args())
-        if self.cfg.model.grad_checkpointing:
-            model.set_grad_checkpointing(True)
+        apply_runtime_switches(model.encoder, self.cfg.model)
         return model
 
     def train_transform(self) -> Callable:
