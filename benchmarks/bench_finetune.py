@@ -47,27 +47,61 @@ def schedule(args: argparse.Namespace) -> None:
                                      for s in stages]}), flush=True)
 
 
+GIANT_CONFIG = REPO / "configs" / "finetune" / "swinv2_giant_192to640to1536.yaml"
+DRY_RUN_MODEL = ["model.name=swinv2_tiny", "model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,2,4]"]
+
+
+def finetune_config(model: list[str], sizes: list[tuple[int, int]], precision: str, extra: list[str] = ()):
+    """The SwinV2-G fine-tune recipe with `model` overrides, one 1-step stage per (img, window) in `sizes`.
+
+    Mixup/cutmix are off: timm's Mixup needs an even batch, and at 1536x1536 the batch is 1 (mixing costs
+    nothing measurable). `extra` overrides go last.
+    """
+    from scale.config import load_finetune_config
+
+    stages = "[" + ", ".join(f"{{img_size: {s}, window_size: {w}, steps: 1}}" for s, w in sizes) + "]"
+    return load_finetune_config(GIANT_CONFIG, [*model, f"stages={stages}", "finetune.num_classes=1000",
+                                               "finetune.ema_decay=0", "finetune.mixup=0", "finetune.cutmix=0",
+                                               f"train.precision={precision}", *extra])
+
+
+def build_finetune(cfg, info, micro: int, ds_config: Path = REPO / "ds_configs" / "zero3.json",
+                   ds_edit=None):
+    """run_finetune.py's build order on one rank: ds_config -> task -> module inside `partitioned` -> engine.
+
+    ds_edit, if given, changes the filled ds_config dict in place before the engine is built.
+    Returns (task, module, engine), the module at the first stage's resolution.
+    """
+    import torch
+
+    from scale.ds_config import fill_ds_config, load_ds_config
+    from scale.engine import build_engine, partitioned
+    from scale.tasks import build_task
+
+    ds = fill_ds_config(load_ds_config(ds_config), cfg, world_size=1, cuda=torch.cuda.is_available(),
+                        peak_lr=1e-5, micro_batch=micro, grad_accum_steps=1)
+    if ds_edit is not None:
+        ds_edit(ds)
+    task = build_task("classification", cfg, info, log=lambda msg: None)
+    with partitioned(ds):
+        module = task.build_model()
+    engine = build_engine(module, task.param_groups(module), ds, info)
+    return task, module, engine
+
+
 def giant(args: argparse.Namespace) -> None:
     import torch
 
-    from scale.config import load_finetune_config
     from scale.dist import init_distributed
-    from scale.ds_config import fill_ds_config, load_ds_config
-    from scale.engine import build_engine, partitioned
     from scale.memory import device_memory_budget, estimate_memory, max_micro_batch
     from scale.metrics import device_peak_flops
-    from scale.tasks import build_task
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29733")
     info = init_distributed()
     sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")]
-    model = (["model.name=swinv2_tiny", "model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,2,4]"]
-             if args.dry_run else ["model.name=swinv2_giant"])
-    stages = "[" + ", ".join(f"{{img_size: {s}, window_size: {w}, steps: 1}}" for s, w in sizes) + "]"
-    cfg = load_finetune_config(REPO / "configs" / "finetune" / "swinv2_giant_192to640to1536.yaml",
-                               model + [f"stages={stages}", "finetune.num_classes=1000", "finetune.ema_decay=0",
-                                        "train.precision=" + ("fp32" if args.dry_run else "bf16")])
+    model = DRY_RUN_MODEL if args.dry_run else ["model.name=swinv2_giant"]
+    cfg = finetune_config(model, sizes, "fp32" if args.dry_run else "bf16")
     cuda = torch.cuda.is_available()
     budget = device_memory_budget(info.device)
     model_args = {"name": cfg.model.name, **cfg.model.build_args()}
@@ -78,12 +112,7 @@ def giant(args: argparse.Namespace) -> None:
                      pretrained_window_sizes=cfg.model.pretrained_window_sizes, task="classifier")
         micro = max(1, min(args.max_micro, max_micro_batch(model_args, budget_bytes=budget, **shape)))
         plans.append((micro, estimate_memory(model_args, micro_batch=micro, **shape)))
-    ds = fill_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg, world_size=1, cuda=cuda,
-                        peak_lr=1e-5, micro_batch=plans[0][0], grad_accum_steps=1)
-    task = build_task("classification", cfg, info)
-    with partitioned(ds):
-        module = task.build_model()
-    engine = build_engine(module, task.param_groups(module), ds, info)
+    task, module, engine = build_finetune(cfg, info, plans[0][0])
     for stage, (micro, plan) in zip(cfg.stages, plans):  # one engine, moved from stage to stage as the trainer does
         task.set_stage(stage, module)
         engine.set_batch(micro, 1)

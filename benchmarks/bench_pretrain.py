@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from models.simmim import normalize_targets  # noqa: E402
 from scale.config import load_config  # noqa: E402
 from scale.ds_config import fill_ds_config, load_ds_config  # noqa: E402
 from scale.metrics import device_peak_flops  # noqa: E402
@@ -39,18 +40,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class TimmSimMIM(nn.Module):
-    """timm SwinV2 encoder + SimMIM's 1x1-conv/PixelShuffle decoder and masked L1 loss."""
+    """timm SwinV2 encoder + SimMIM's 1x1-conv/PixelShuffle decoder and masked L1 loss (ours, computed in fp32)."""
 
-    def __init__(self, encoder: nn.Module, stride: int = 32) -> None:
+    def __init__(self, encoder: nn.Module, stride: int = 32, norm_target_patch_size: int | None = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.norm_target_patch_size = norm_target_patch_size
         self.decoder = nn.Sequential(nn.Conv2d(encoder.num_features, stride ** 2 * 3, 1), nn.PixelShuffle(stride))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.forward_features(images)  # B, h, w, C
-        prediction = self.decoder(tokens.permute(0, 3, 1, 2))
-        pixel_mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).to(prediction.dtype)
-        loss = F.l1_loss(images.to(prediction.dtype), prediction, reduction="none")
+        prediction = self.decoder(tokens.permute(0, 3, 1, 2)).float()
+        targets = images.float()
+        if self.norm_target_patch_size is not None:  # the SwinV2 recipe's 47x47 target normalisation, as ours
+            targets = normalize_targets(targets, self.norm_target_patch_size)
+        pixel_mask = mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).float()
+        loss = F.l1_loss(targets, prediction, reduction="none")
         return (loss * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / 3
 
 
@@ -58,28 +63,42 @@ def model_args(name: str, img_size: int, window: int) -> dict:
     return {"img_size": img_size, "window_size": window, "drop_path_rate": 0.0}
 
 
-def build_timm(name: str, img_size: int, window: int, device: torch.device) -> nn.Module:
+def timm_encoder(name: str, img_size: int, window: int, num_classes: int = 0, **overrides) -> nn.Module:
+    """timm's SwinTransformerV2 class with the widths of our `name` (+ overrides, e.g. a tiny dry-run shape).
+
+    Built on the current default device (wrap in `with torch.device("cuda"):` to initialise on the GPU).
+    timm registers no giant; its class builds one from the widths, without the paper's main-branch
+    LayerNorm every 6 blocks (SwinV2-H/G), which costs next to nothing.
+    """
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-    ours = models.build_model(name, num_classes=0, **model_args(name, img_size, window))
-    encoder = SwinTransformerV2(img_size=img_size, window_size=window, embed_dim=ours.embed_dim,
-                                depths=ours.depths, num_heads=ours.num_heads, num_classes=0, drop_path_rate=0.0)
-    return TimmSimMIM(encoder).to(device)
+    drop_path_rate = overrides.pop("drop_path_rate", 0.0)
+    ours = models.build_model(name, num_classes=0, device="meta", **overrides)
+    return SwinTransformerV2(img_size=img_size, window_size=window, embed_dim=ours.embed_dim, depths=ours.depths,
+                             num_heads=ours.num_heads, num_classes=num_classes, drop_path_rate=drop_path_rate)
+
+
+def build_timm(name: str, img_size: int, window: int, device: torch.device, norm_target_patch_size: int | None = None,
+               **overrides) -> nn.Module:
+    return TimmSimMIM(timm_encoder(name, img_size, window, **overrides),
+                      norm_target_patch_size=norm_target_patch_size).to(device)
 
 
 class PlainLoop:
-    """forward, backward, clip, AdamW step, zero_grad: the nanoGPT loop."""
+    """forward, backward, clip, AdamW step, zero_grad: the nanoGPT loop; `compile` wraps the forward in torch.compile"""
 
-    def __init__(self, model: nn.Module, device: torch.device, bf16: bool, grad_ckpt: bool) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, bf16: bool, grad_ckpt: bool,
+                 compile: bool = False) -> None:
         self.model = model.to(device).train()
-        if grad_ckpt and hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
+        if grad_ckpt:
+            (model.encoder if hasattr(model, "encoder") else model).set_grad_checkpointing(True)
+        self.forward = torch.compile(model) if compile else model  # the parameters stay `model`'s
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
         self.device, self.bf16 = device, bf16
 
     def step(self, batch: dict) -> float:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.model(batch["image"], batch["mask"])
+            loss = self.forward(batch["image"], batch["mask"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
         self.opt.step()
@@ -87,31 +106,69 @@ class PlainLoop:
         return loss.item()  # same host sync as the trainer's loss logging
 
 
+def trainer_overrides(name: str, img_size: int, window: int, batch: int, grad_ckpt: bool) -> list[str]:
+    """Dotted overrides that turn the demo config into this benchmark's SimMIM shape (no target normalisation)."""
+    return [f"model.name={name}", f"model.img_size={img_size}", f"model.window_size={window}",
+            "model.embed_dim=null", "model.depths=null", "model.num_heads=null", "model.drop_path_rate=0.0",
+            "model.norm_target_patch_size=null", f"model.grad_checkpointing={str(grad_ckpt).lower()}",
+            f"train.micro_batch_size={batch}", "data.mask_patch_size=32"]
+
+
+def build_trainer(cfg, ds: dict, info, compile_blocks: dict | None = None):
+    """The trainer's own build order (run_pretrain.py): task -> module inside `partitioned` -> param groups -> engine.
+
+    compile_blocks: if not None, torch.compile each encoder block with these kwargs before the engine
+    wraps the module (for checkouts whose config has no `model.compile` switch). Returns (engine, task, module).
+    """
+    from scale.engine import build_engine, partitioned
+    from scale.tasks import build_task
+
+    task = build_task(cfg.method.name, cfg, info, log=lambda msg: None)
+    with partitioned(ds):  # ZeRO-3: each parameter partitioned as it is created
+        module = task.build_model()
+    if compile_blocks is not None:
+        compile_encoder_blocks(module, **compile_blocks)
+    return build_engine(module, task.param_groups(module), ds, info), task, module
+
+
+def compile_encoder_blocks(model: nn.Module, **compile_kwargs) -> str:
+    """torch.compile every block of our SwinV2 (or SimMIM/classifier around one) in place; says how."""
+    encoder = model
+    while not hasattr(encoder, "layers") and hasattr(encoder, "encoder"):
+        encoder = encoder.encoder
+    if hasattr(encoder, "compile_blocks"):
+        encoder.compile_blocks(**compile_kwargs)
+        return "compile_blocks()"
+    for stage in encoder.layers:
+        for block in stage.blocks:
+            block.compile(**compile_kwargs)
+    return "block.compile() on every block"
+
+
+def edit_ds_config(ds: dict, items: list[str]) -> dict:
+    """Apply dotted `key=JSON value` edits (e.g. zero_optimization.overlap_comm=false) to a ds_config in place."""
+    for item in items:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = ds
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = json.loads(value)
+    return ds
+
+
 class OursDeepSpeed:
     """One rank of the real trainer engine (ZeRO-3 config from ds_configs/zero3.json)."""
 
     def __init__(self, name: str, img_size: int, window: int, batch: int, grad_ckpt: bool, info,
                  ds_set: list[str]) -> None:
-        from scale.engine import build_engine
-
-        cfg = load_config(None, [f"model.name={name}", f"model.img_size={img_size}", f"model.window_size={window}",
-                                 "model.embed_dim=null", "model.depths=null", "model.num_heads=null",
-                                 "model.drop_path_rate=0.0", "model.norm_target_patch_size=null",
-                                 f"model.grad_checkpointing={str(grad_ckpt).lower()}",
-                                 f"train.micro_batch_size={batch}", "data.mask_patch_size=32"])
+        cfg = load_config(None, trainer_overrides(name, img_size, window, batch, grad_ckpt))
         ds = fill_ds_config(load_ds_config(REPO / "ds_configs" / "zero3.json"), cfg, world_size=1,
                             cuda=info.device.type == "cuda", peak_lr=1e-4)
-        for item in ds_set:  # e.g. zero_optimization.memory_efficient_linear=false, to try DeepSpeed knobs
-            key, _, value = item.partition("=")
-            *parents, leaf = key.split(".")
-            node = ds
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = json.loads(value)
-        self.engine, self.model = build_engine(cfg, ds, info)
+        self.engine, self.task, self.model = build_trainer(cfg, edit_ds_config(ds, ds_set), info)
 
     def step(self, batch: dict) -> float:
-        return self.engine.micro_step(batch).loss
+        return self.engine.micro_step(self.task.inputs(batch, self.engine)).loss
 
 
 def make_batch(batch: int, img_size: int, device: torch.device) -> dict:

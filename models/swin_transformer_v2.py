@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from .attention import (ATTN_BACKENDS, DENSE_MASK_ELEMENTS, AttentionPath, attend, attention_path, mlp_chunk_rows,
@@ -85,6 +85,31 @@ def relative_position_index(window: tuple[int, int]) -> torch.Tensor:
                                         torch.arange(window[1], dtype=torch.long), indexing="ij")).flatten(1)
     relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # N, N, 2
     return (relative[..., 0] + window[0] - 1) * (2 * window[1] - 1) + relative[..., 1] + window[1] - 1
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample, as timm's DropPath, with the rate held in a buffer instead of a Python float.
+
+    torch.compile specialises on Python floats, so blocks whose rates differ (they rise linearly with depth)
+    would each compile a graph of their own, and past dynamo's recompile limit run eagerly; as a tensor the
+    rate is a graph input and the blocks of a stage share one graph. The buffer is an integer (millionths):
+    zero.Init and DeepSpeed's bf16 cast floating buffers, which would round 0.1 to 0.10009765625.
+    """
+
+    def __init__(self, drop_prob: float, device=None) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob  # for reading only: forward uses the buffer
+        self.register_buffer("drop_millionths", torch.tensor(round(drop_prob * 1e6), device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.drop_millionths.to(torch.float32) / 1e6
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * (torch.empty(shape, device=x.device).bernoulli_(keep) / keep).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
 
 
 class ResPostNorm(nn.LayerNorm):
@@ -215,14 +240,14 @@ class SwinTransformerV2Block(nn.Module):
         self.shifted = shifted
         self.attn = WindowAttention(dim, num_heads, (1, 1), (0, 0), attn_backend, attn_chunk_windows, **dd)
         self.norm1 = ResPostNorm(dim, **dd)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = DropPath(drop_path, device) if drop_path > 0 else nn.Identity()
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential()
         self.mlp.add_module("fc1", nn.Linear(dim, hidden, **dd))
         self.mlp.add_module("act", nn.GELU())
         self.mlp.add_module("fc2", nn.Linear(hidden, dim, **dd))
         self.norm2 = ResPostNorm(dim, **dd)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path, device) if drop_path > 0 else nn.Identity()
         self.main_norm = nn.LayerNorm(dim, **dd) if main_norm else nn.Identity()
         self.set_input_size(resolution, window, pretrained_window)
 
@@ -457,12 +482,12 @@ class SwinTransformerV2(nn.Module):
         """torch.compile every block in place, with and without activation checkpointing.
 
         Compiling blocks rather than the whole model (regional compilation) keeps the graphs small: blocks
-        of one stage share a graph, so a 3B model compiles about as fast as a tiny one, and DeepSpeed's
-        per-module ZeRO-3 hooks outside the blocks stay eager.
+        of one stage share a graph, so a 3B model compiles about as fast as a tiny one. The blocks' forward
+        is compiled, not their `__call__`, so module hooks (DeepSpeed's ZeRO-3 gathers) stay eager around it.
         """
         for stage in self.layers:
             for block in stage.blocks:
-                block.compile(**compile_kwargs)
+                block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True, offload_to_cpu: bool = False) -> None:
         """Recompute each block in backward instead of keeping its activations.

@@ -91,4 +91,11 @@ def apply_runtime_switches(encoder: nn.Module, model_cfg: Any) -> None:
     if model_cfg.grad_checkpointing:
         encoder.set_grad_checkpointing(True)
     if model_cfg.compile:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from models.swin_transformer_v2 import SwinTransformerV2Block
+
+        # a ZeRO-3 leaf has all its weights gathered by one hook before it runs: the compiled block then
+        # sees whole weights, not the empty shards DeepSpeed's per-submodule hooks would hand a traced graph
+        set_z3_leaf_modules(encoder, [SwinTransformerV2Block])
         encoder.compile_blocks()
