@@ -51,7 +51,8 @@ class AttentionPath:
     """How one block attends.
 
     kernel: "matmul", "sdpa", "cpu_flash" or "flex" (module docstring).
-    per_window_masks: one call over all windows with a (windows, N, N) mask, instead of one call per group.
+    per_window_masks: one call over all windows, each with its own mask, instead of one call per mask group
+        ((windows, N, N) masks for "matmul"; patterns picked by window index inside the kernel for "flex").
     chunk_windows: windows per checkpointed chunk (sequential self-attention); 0 for one call per group.
     """
     kernel: str
@@ -90,7 +91,7 @@ def attention_path(backend: str, device_type: str, *, heads: int, tokens: int, w
     chunk = (chunk_windows or max(1, SEQUENTIAL_CHUNK_ELEMENTS // scores_per_window)) if sequential else 0
     # small CPU windows: one matmul + softmax call over all windows (timm's way) beats sorting windows
     # into mask groups; large windows and GPUs keep the groups and their fused kernels
-    per_window = has_window_masks and cpu and kernel == "matmul" and not sequential
+    per_window = kernel == "flex" or (has_window_masks and cpu and kernel == "matmul" and not sequential)
     return AttentionPath(kernel, per_window, chunk)
 
 
@@ -143,8 +144,8 @@ class CPUFlashAttentionWithBias(torch.autograd.Function):
 _compiled_flex = None
 
 
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """flex_attention with the additive (heads, N, N) mask in score_mod: no (windows, heads, N, N) tensor.
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_mod: Callable) -> torch.Tensor:
+    """flex_attention with bias and masks added in `score_mod`: no (windows, heads, N, N) tensor is built.
 
     The shift mask stays additive (-100, as published) rather than a block mask: a -inf block mask would
     change the numerics, and windows of <= 1024 tokens hold too few 128-token blocks for skipping to pay.
@@ -152,29 +153,26 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor)
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + mask[h, q_idx, kv_idx]
-
     if q.device.type == "cpu":  # eager reference implementation (forward only on the CPU)
         return flex_attention(q, k, v, score_mod=score_mod, scale=1.0)
     if _compiled_flex is None:  # flex_attention is only a fused kernel once compiled
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex(q, k, v, score_mod=score_mod, scale=1.0)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kernel: str) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Callable,
+           kernel: str) -> torch.Tensor:
     """softmax(q @ k^T + mask) @ v on `kernel`, scale already folded into q.
 
     q, k, v: (..., heads, N, d); mask broadcastable to (..., heads, N, N): a (heads, N, N) bias (+ one
-    shift pattern) on the grouped layout, (windows, heads, N, N) on the per-window layout.
+    shift pattern) on the grouped layout, (windows, heads, N, N) on the per-window layout; for "flex",
+    q, k, v are (windows, heads, N, d) and mask is flex_attention's score_mod.
     """
     if kernel == "matmul":
         # in place: matmul keeps its inputs for backward, not its output, so the scores need no second buffer
         return torch.softmax(torch.matmul(q, k.transpose(-2, -1)).add_(mask), dim=-1) @ v
     if kernel == "flex":
-        lead = q.shape[:-3]
-        q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
-        return _flex(q, k, v, mask).view(*lead, *q.shape[-3:])
+        return _flex(q, k, v, mask)
     if kernel == "cpu_flash" and mask.requires_grad and torch.is_grad_enabled():
         return CPUFlashAttentionWithBias.apply(q, k, v, mask.unsqueeze(0))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0), scale=1.0)

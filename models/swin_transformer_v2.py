@@ -198,18 +198,35 @@ class WindowAttention(nn.Module):
             outputs.append(out.view(B, end - start, N, C))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-    def forward_per_window(self, x: torch.Tensor, window_masks: torch.Tensor) -> torch.Tensor:
-        """Attend within all windows in one matmul + softmax call, with one additive mask per window.
+    def forward_per_window(self, x: torch.Tensor, kernel: str, window_masks: Optional[torch.Tensor],
+                           patterns: torch.Tensor, pattern_of_window: torch.Tensor) -> torch.Tensor:
+        """Attend within all windows in one call, each window with its own shift/padding mask.
+
+        "matmul" adds the (num_windows, N, N) masks to the scores (small CPU windows); "flex" picks each
+        window's pattern by index inside flex_attention's score_mod, so no windows x N x N mask is built.
 
         Args:
             x: (B, num_windows, N, C) windows in grid order.
-            window_masks: (num_windows, N, N) shift/padding masks.
+            window_masks: (num_windows, N, N) masks, for "matmul".
+            patterns, pattern_of_window: (P, N, N) masks and each window's index into them (-1: none), for "flex".
         """
-        mask = self.position_bias() + window_masks.unsqueeze(1).to(self.q_bias.dtype)  # nW, heads, N, N
-        return self._attend(x, mask, "matmul")
+        bias = self.position_bias()
+        if kernel != "flex":
+            return self._attend(x, bias + window_masks.unsqueeze(1).to(bias.dtype), kernel)  # nW, heads, N, N
+        B, num_windows, N, C = x.shape
+        patterns = patterns.to(bias.dtype)
 
-    def _attend(self, windows: torch.Tensor, mask: torch.Tensor, kernel: str) -> torch.Tensor:
-        """(..., N, C) windows and a mask broadcastable to (..., heads, N, N) -> (..., N, C)."""
+        def score_mod(score, b, h, q_idx, kv_idx):
+            score = score + bias[h, q_idx, kv_idx]
+            if patterns.shape[0] == 0:
+                return score
+            pattern = pattern_of_window[b % num_windows]  # flex's batch is (image, window) flattened
+            return score + torch.where(pattern >= 0, patterns[pattern.clamp(min=0), q_idx, kv_idx], 0.0)
+
+        return self._attend(x.reshape(B * num_windows, N, C), score_mod, kernel).view(B, num_windows, N, C)
+
+    def _attend(self, windows: torch.Tensor, mask: torch.Tensor | Callable, kernel: str) -> torch.Tensor:
+        """(..., N, C) windows and a mask broadcastable to (..., heads, N, N) (flex: a score_mod) -> (..., N, C)."""
         *lead, N, C = windows.shape
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(windows, self.qkv.weight, qkv_bias)
@@ -263,18 +280,19 @@ class SwinTransformerV2Block(nn.Module):
         with torch.device("cpu"):
             order, patterns, self.mask_groups = window_mask_groups(resolution, self.padded, self.window, self.shift)
             self.sorted_windows = not torch.equal(order, torch.arange(len(order)))
+            pattern_of_window = torch.full((len(order),), -1, dtype=torch.long)
+            for start, end, pattern in self.mask_groups:
+                pattern_of_window[order[start:end]] = pattern
             window_masks = None
             if len(self.mask_groups) > 1 and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
                 # integer indexing, no float constructor: under bf16 zero.Init those would come out bf16
-                pattern_of_window = torch.full((len(order),), -1, dtype=torch.long)
-                for start, end, pattern in self.mask_groups:
-                    pattern_of_window[order[start:end]] = pattern
                 window_masks = torch.where((pattern_of_window >= 0)[:, None, None],
                                            patterns[pattern_of_window.clamp(min=0)], 0.0)
         device = self.norm1.weight.device
         self.register_buffer("window_order", order.to(device), persistent=False)
         self.register_buffer("window_restore", torch.argsort(order).to(device), persistent=False)
         self.register_buffer("mask_patterns", patterns.to(device), persistent=False)
+        self.register_buffer("window_pattern", pattern_of_window.to(device), persistent=False)
         self.register_buffer("window_masks", None if window_masks is None else window_masks.to(device),
                              persistent=False)
 
@@ -290,7 +308,8 @@ class SwinTransformerV2Block(nn.Module):
                               windows=windows.shape[0] * windows.shape[1], has_window_masks=self.window_masks is not None,
                               training=torch.is_grad_enabled(), chunk_windows=self.attn.chunk_windows)
         if path.per_window_masks:
-            windows = self.attn.forward_per_window(windows, self.window_masks)
+            windows = self.attn.forward_per_window(windows, path.kernel, self.window_masks, self.mask_patterns,
+                                                   self.window_pattern)
         elif self.sorted_windows:
             windows = self.attn(windows[:, self.window_order], self.mask_groups, self.mask_patterns, path)
             windows = windows[:, self.window_restore]

@@ -122,7 +122,7 @@ def test_attention_dispatch_rule():
     assert attention_path("auto", "cuda", **small) == AttentionPath("sdpa", False, 0)
     assert attention_path("fused", "cpu", **{**small, "tokens": 1024}) == AttentionPath("cpu_flash", False, 0)
     assert attention_path("plain", "cuda", **small) == AttentionPath("matmul", False, 0)
-    assert attention_path("flex", "cuda", **small) == AttentionPath("flex", False, 0)
+    assert attention_path("flex", "cuda", **small) == AttentionPath("flex", True, 0)  # patterns indexed in-kernel
     assert attention_path("sequential", "cpu", **small, chunk_windows=5) == AttentionPath("matmul", False, 5)
     # auto chunks only a training call above 2^31 scores, into 2^24-score chunks
     huge = dict(small, tokens=1024, heads=16, windows=144, has_window_masks=False)
