@@ -38,6 +38,19 @@ __all__ = ["MemoryEstimate", "estimate_memory", "max_micro_batch", "device_memor
 # settings of ds_configs/*.json that size DeepSpeed's buffers (elements)
 REDUCE_BUCKET_ELEMENTS = {0: 0, 1: 200_000_000, 2: 200_000_000, 3: 100_000_000}
 STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # and as large a reuse distance: gathered weights stay live
+# ZeRO-Infinity (ZeRO-3, offload="nvme": weights and optimizer on disk) for a host whose RAM holds neither:
+# the settings benchmarks/bench_giant.py runs with (it reads them from here). No prefetch and a reuse
+# distance of 0, so a weight is gathered only while its module runs; each of these bounds what stays in RAM.
+NVME_PARAM_BUFFERS = 2  # offload_param.buffer_count: swap buffers of one rank's slice of the largest weight
+NVME_OPTIMIZER_BUFFERS = 4  # offload_optimizer.buffer_count: fp32 master, 2 moments, gradient of a sub-group
+NVME_SUB_GROUP_ELEMENTS = 1_000_000  # sub_group_size: a sub-group closes once it reaches this (or one weight)
+# reduce_bucket_size: small weights' gradients gather here (resident once touched); SwinV2-G's largest
+# (67M elements) bypass it either way. Measured peaks per rank, 0.59B-parameter giant: 4.59 GB at 1e7,
+# 4.74 GB at 5e7, 5.09 GB at 7e7 (the largest weights then go through the bucket too).
+NVME_REDUCE_BUCKET_ELEMENTS = 10_000_000
+# gloo's reduce_scatter_tensor and all_gather_into_tensor allocate ~1.5x / ~1x their full tensor on the
+# side (measured on 268 MB, torch 2.14.1), on top of the tensors ZeRO-3 itself holds
+GLOO_REDUCE_SCATTER_TEMPORARIES = 1.5
 CPB_HIDDEN = 512  # width of the log-CPB MLP
 # Memory an allocator holds per byte of live activations: on the CPU the peak RSS of bare fwd+bwd steps
 # was 1.05-1.19x (median 1.09) the tensors this module counts (which match the tensors autograd saves to
@@ -176,8 +189,9 @@ def _block_ops(b: int, res: tuple, c: int, block: torch.nn.Module, window: int, 
     path = attention.attention_path(backend, "cpu" if cpu else "cuda", heads=heads, tokens=n, windows=b * n_windows,
                                     has_window_masks=has_window_masks, training=True, chunk_windows=chunk_windows)
     kind = path.kernel
-    if path.per_window_masks:  # small CPU windows: one call over all windows with a (windows, heads, N, N) mask
-        ops += [_Op(tp * c * ab, fwd=n_windows * bias, bwd=n_windows * bias)]
+    if path.per_window_masks:  # one call over all windows: (windows, heads, N, N) masks, or flex's indexed ones
+        masks = bias if kind == "flex" else n_windows * bias
+        ops += [_Op(tp * c * ab, fwd=masks, bwd=masks)]
         ops += _attention_ops(b * n_windows, n, c, heads, kind, ab)
     else:
         # a group's windows are a view of the (sorted) windows when contiguous (one image, one window, or
@@ -237,18 +251,19 @@ def _model_ops(model: torch.nn.Module, b: int, img: int, windows: list[int], bac
 
 
 def _buffers(encoder: torch.nn.Module, img: int, windows: list[int], ab: int) -> int:
-    """Per-block coordinate table (float), relative position index (int64), window order/restore, masks."""
+    """Per-block coordinate table (float), relative position index (int64), window order/restore/pattern, masks."""
     total = 0
     for res, stage, window in zip(encoder.stage_resolutions((img, img)), encoder.layers, windows):
         for block in stage.blocks:
             (wh, ww), _, n, n_windows, groups = _geometry(res, window, block.shifted)
             dense = len(groups) > 1 and n_windows * n * n <= attention.DENSE_MASK_ELEMENTS  # per-window masks
             masks = sum(patterned for _, patterned in groups) + (n_windows if dense else 0)
-            total += (2 * wh - 1) * (2 * ww - 1) * 2 * ab + n * n * 8 + 2 * n_windows * 8 + masks * n * n * ab
+            total += (2 * wh - 1) * (2 * ww - 1) * 2 * ab + n * n * 8 + 3 * n_windows * 8 + masks * n * n * ab
     return total
 
 
-def _model_states(p: int, pb: int, zero_stage: int, world: int, offload: str, cpu: bool) -> dict[str, int]:
+def _model_states(p: int, pb: int, zero_stage: int, world: int, offload: str, cpu: bool,
+                  largest: int = 0) -> dict[str, int]:
     """Bytes per device of p weights of pb bytes and their optimizer under DeepSpeed 0.19.8.
 
     Read in its source and measured on the CPU (fp32, 1 rank): ZeRO-1/2 flatten the weights into one
@@ -259,8 +274,11 @@ def _model_states(p: int, pb: int, zero_stage: int, world: int, offload: str, cp
 
     Returns params, optimizer, kept (gradient memory alive through backward), accumulates (1: .grad fills
     up during backward, ZeRO 0-1), end (copies made once backward is over: reductions, the step's flat
-    fp32 gradients) and overlaps (1: those copies already happen during backward).
+    fp32 gradients) and overlaps (1: those copies already happen during backward). `largest`: elements of
+    the largest weight (ZeRO-Infinity sizes its buffers by it).
     """
+    if zero_stage == 3 and offload == "nvme" and cpu:
+        return _nvme_states(p, pb, world, largest)
     bucket = REDUCE_BUCKET_ELEMENTS[zero_stage]
     bucket_bytes = min(p, bucket) * pb if cpu else bucket * pb * (2 if zero_stage == 2 else 1)  # overlap_comm: 2
     partition = pb * p // world
@@ -279,6 +297,39 @@ def _model_states(p: int, pb: int, zero_stage: int, world: int, offload: str, cp
         states.update(params=partition + gathered, kept=partition + bucket_bytes, accumulates=0,
                       end=2 * min(p, bucket) * pb, overlaps=int(p > bucket))
     return states
+
+
+def _nvme_states(p: int, pb: int, world: int, largest: int) -> dict[str, int]:
+    """`_model_states` for ZeRO-Infinity on a CPU host: weights and optimizer states on disk, the NVME_* settings.
+
+    Read in DeepSpeed 0.19.8's stage3.py and swap_tensor/ and measured with benchmarks/bench_giant.py (2 ranks,
+    fp32). What stays in RAM is a set of buffers sized by the largest weight, not by the model, except one
+    term: ZeRO-3 keeps each rank's whole gradient partition in a flat buffer, zero-filled (so resident) at
+    initialisation, in the model dtype, and only copies it to disk at the end of each accumulation.
+      params: the weight swap buffers (a rank's slice of the largest weight each) and, while a module runs,
+        its gathered weight; with prefetch off and a reuse distance of 0 that is one weight at a time.
+      optimizer: the optimizer swap buffers (4 x the largest sub-group in fp32: master, 2 moments, gradient)
+        and the buffer the updated weights are written back through, which DeepSpeed sizes by the *full*
+        weights of the largest sub-group.
+      kept: the flat gradient partition and the touched part of the reduce bucket.
+      end: the largest weight's full gradient, gloo's reduce-scatter temporaries, the rank's slice of it and
+        the fp64 copy of that slice DeepSpeed takes for the gradient norm, live around the end of that
+        weight's backward (during backward: overlaps=1).
+    Against the peak RSS per rank (bench_giant.py, fp32, 192x192, micro-batch 1, checkpointing): SwinV2-G's
+    widths with 8 blocks (0.59B) 4.61 GB estimated, 4.59 measured; SwinV2-G 9.47 estimated, 9.17 sampled 7 s
+    into the first backward when the run was stopped at its memory cap (18.6 GB for the 2 ranks).
+    Only for a CPU host: on a GPU the device holds none of these buffers (not modelled; the ZeRO-3 terms
+    below are used there).
+    """
+    part = -(-largest // world)  # a rank's slice of the largest weight
+    sub_group = min(-(-p // world), NVME_SUB_GROUP_ELEMENTS - 1 + part)  # a group closes once it reaches the size
+    params = NVME_PARAM_BUFFERS * part * pb + (largest * pb if world > 1 else 0)
+    optimizer = NVME_OPTIMIZER_BUFFERS * 4 * sub_group + min(p, sub_group * world) * pb
+    kept = pb * -(-p // world) + min(p, NVME_REDUCE_BUCKET_ELEMENTS) * pb
+    norm_copy = 8 * part  # _constant_buffered_norm2: part.to(torch.double)
+    reduce = int((1 + GLOO_REDUCE_SCATTER_TEMPORARIES) * largest * pb) + part * pb if world > 1 else largest * pb
+    end = reduce + norm_copy
+    return dict(params=params, optimizer=optimizer, kept=kept, accumulates=0, end=end, overlaps=1)
 
 
 def estimate_memory(model_args: dict, *, img_size: int, window_size: int | list[int], micro_batch: int,
@@ -308,7 +359,7 @@ def estimate_memory(model_args: dict, *, img_size: int, window_size: int | list[
     ops = _model_ops(model, micro_batch, img_size, windows, attn_backend, model_args.get("attn_chunk_windows", 0),
                      checkpointing, cpu, ab, task)
     p = sum(t.numel() for t in model.parameters())
-    s = _model_states(p, ab, zero_stage, world_size, offload, cpu)
+    s = _model_states(p, ab, zero_stage, world_size, offload, cpu, max(t.numel() for t in model.parameters()))
     activations = _peak(ops)[1]
     during = _peak(ops, grads=True)[1] if s["accumulates"] else activations
     after = s["accumulates"] * ab * p + s["end"]  # backward done: all .grad and the copies, no activations

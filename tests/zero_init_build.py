@@ -1,8 +1,13 @@
 """Run under `deepspeed --num_gpus 2`: a SimMIM SwinV2 built inside deepspeed.zero.Init must
 equal the same model built without it (parameters, rebuilt buffers, loss).
 
+    tests/zero_init_build.py          a small SwinV2 (also under bf16 zero.Init)
+    tests/zero_init_build.py giant    SwinV2-G's widths (embed 512 -> 4096) with fewer blocks: each rank holds
+                                      half of every weight, and the output equals the unpartitioned model's
+
 Exits non-zero with the first difference it finds.
 """
+import gc
 import sys
 
 import deepspeed
@@ -21,6 +26,76 @@ def build(seed: int, zero_config: dict | None):
         return build_simmim("swinv2_tiny", **ARCH)
     with deepspeed.zero.Init(config_dict_or_path=zero_config):
         return build_simmim("swinv2_tiny", **ARCH)
+
+
+# SwinV2-G's widths and heads with 6 blocks instead of 50 (340M parameters instead of 3.0B): the stage-4 blocks
+# (201M each) and the 67M-element MLP weights are the giant's own. Two blocks in stages 1-2 keep shifted windows.
+GIANT_DEPTHS = (2, 2, 1, 1)
+GIANT_IMG, GIANT_WINDOW = 64, 4  # 16x16 tokens in stage 1: shifted 4x4 windows; the last stage is 2x2
+
+
+def build_giant(zero_config: dict | None):
+    torch.manual_seed(0)
+    args = dict(img_size=GIANT_IMG, window_size=GIANT_WINDOW, depths=GIANT_DEPTHS, drop_path_rate=0.0)
+    if zero_config is None:
+        return build_simmim("swinv2_giant", **args)
+    with deepspeed.zero.Init(config_dict_or_path=zero_config):
+        return build_simmim("swinv2_giant", **args)
+
+
+def giant() -> None:
+    """Each rank owns a 1/world slice of every weight, and the partitioned model computes what the whole one does.
+
+    Memory: the reference (1.4 GB in fp32) is dropped before the partitioned model is gathered for its forward,
+    and weights are compared one module at a time, so a rank peaks near 2 copies of the model, not 3.
+    """
+    import deepspeed.comm as dist
+
+    info = init_distributed()
+    rank, world = info.rank, info.world_size
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    partitioned = build_giant(config).eval()
+    params = list(partitioned.parameters())
+    if any(p.numel() for p in params):
+        sys.exit(f"rank {rank}: a parameter kept its full data after zero.Init")
+    # ZeRO-3 cuts every weight into `world` slices of ceil(numel / world), the last one padded
+    total = sum(p.ds_numel for p in params)
+    owned = sum(max(0, min(p.partition_numel(), p.ds_numel - rank * p.partition_numel())) for p in params)
+    if any(p.partition_numel() != -(-p.ds_numel // world) or p.ds_tensor.numel() != p.partition_numel()
+           for p in params):
+        sys.exit(f"rank {rank}: a slice is not ceil(numel / {world}) elements")
+    counts = torch.tensor([owned], dtype=torch.float64)
+    dist.all_reduce(counts)
+    if int(counts.item()) != total or abs(owned - total / world) > len(params):
+        sys.exit(f"rank {rank}: owns {owned} of {total} parameters, all ranks {int(counts.item())}")
+
+    reference = build_giant(None).eval()
+    if sum(p.numel() for p in reference.parameters()) != total:
+        sys.exit(f"rank {rank}: {total} parameters under zero.Init, {sum(p.numel() for p in reference.parameters())} "
+                 f"without")
+    reference_modules = dict(reference.named_modules())
+    for name, module in partitioned.named_modules():  # one module's weights gathered at a time
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own]):
+            for pname, p in own:
+                if not torch.equal(p, getattr(reference_modules[name], pname)):
+                    sys.exit(f"rank {rank}: parameter {name}.{pname} differs after zero.Init")
+    images = torch.randn(1, 3, GIANT_IMG, GIANT_IMG, generator=torch.Generator().manual_seed(1))
+    mask = (torch.rand(1, GIANT_IMG // 4, GIANT_IMG // 4, generator=torch.Generator().manual_seed(2)) > 0.4).float()
+    with torch.no_grad():
+        expected = (reference.reconstruct(images, mask), reference(images, mask))
+    del reference, reference_modules
+    gc.collect()
+    with deepspeed.zero.GatheredParameters(params), torch.no_grad():
+        got = (partitioned.reconstruct(images, mask), partitioned(images, mask))
+    for what, a, b in zip(("reconstruction", "loss"), expected, got):
+        if not torch.equal(a, b):
+            sys.exit(f"rank {rank}: {what} differs from the unpartitioned model's "
+                     f"(max abs difference {(a - b).abs().max().item():.3g})")
+    print(f"rank {rank}: giant zero.Init owns {owned} of {total} parameters, output identical, "
+          f"loss {got[1].item():.6f}", flush=True)
 
 
 def main() -> None:
@@ -56,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    giant() if "giant" in sys.argv[1:] else main()  # the launcher adds --local_rank=N
