@@ -18,13 +18,14 @@ import os
 import resource
 import sys
 
-from scale.checkpoint import CheckpointManager, tag_for
+from scale.checkpoint import CheckpointManager, check_elastic, read_rank_states, tag_for
 from scale.config import FINETUNE_DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_finetune_config
 from scale.dist import init_distributed, local_world_size, seed_everything
-from scale.ds_config import fill_ds_config, load_ds_config, planned_precision, precision_of, zero_stage
+from scale.ds_config import (fill_ds_config, load_ds_config, planned_precision, precision_of, with_universal_load,
+                             zero_stage)
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.launch import (announce_device, config_error, data_path_or_demo, main_rank_log, start_process,
-                          trainer_arg_parser, write_run_files)
+from scale.launch import (announce_device, check_can_start, config_error, data_path_or_demo, main_rank_log,
+                          start_process, trainer_arg_parser, write_run_files)
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.memory import device_memory_budget
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
                                                                   if args.pretrained else []))
         check_model_name(cfg, cuda)
         check_data_path(cfg)
+        check_can_start(cfg)
         source = open_pretrained(cfg.pretrained) if cfg.pretrained else None
         # the log-CPB MLP keeps seeing coordinates on the scale it learned: normalise by its pretraining windows
         if cfg.model.pretrained_window_sizes is None:
@@ -96,6 +98,10 @@ def main(argv=None) -> int:
         ds = fill_ds_config(ds, cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr,
                             micro_batch=plans[0].micro_batch, grad_accum_steps=plans[0].grad_accum_steps)
         resuming = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=info.rank).resolve_resume(cfg.resume)
+        if resuming is not None:
+            read_rank_states(*resuming)  # every trainer file loads weights-only: refuse a bad one before init
+        if resuming is not None and check_elastic(*resuming, world_size):
+            ds = with_universal_load(ds)  # another world size: must be known before deepspeed.initialize
     except (ConfigError, ValueError) as e:
         dist.destroy_process_group()
         return config_error(e, info.is_main)
@@ -124,7 +130,10 @@ def main(argv=None) -> int:
 
     # -------------------------------------------------------------------- resume
     trainer = Trainer(cfg, task, engine, info, log)
-    resumed = trainer.resume(cfg.resume)
+    try:
+        resumed = trainer.resume(cfg.resume)
+    except ConfigError as e:  # damage found only by DeepSpeed's loader, after init
+        return config_error(e, info.is_main)
     if resumed is not None:
         trainer.check_schedule(schedule)
     results = trainer.run_state.setdefault("stages", [])  # one record per evaluated stage
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
                                       seed=cfg.seed + 1000 * plan.index, resampled=cfg.data.resampled,
                                       num_classes=cfg.finetune.num_classes)
             if resumed is not None and plan.start_step < trainer.step <= plan.end_step:
-                loader.load_state_dict(resumed["loader"])  # the checkpoint was taken inside this stage
+                trainer.restore_loader(loader, resumed)  # the checkpoint was taken inside this stage
             log(plan.describe(info.world_size, len(plans)))
             metrics = MetricsProcessor(trainer.logger, every_steps=cfg.log.every_steps, total_steps=total_steps,
                                        images_per_step=global_batch, flops_per_image=task.flops_per_image(model),

@@ -17,10 +17,11 @@ import sys
 
 from scale.config import DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_config
 from scale.dist import init_distributed, seed_everything
-from scale.ds_config import fill_ds_config, load_ds_config, precision_of
+from scale.checkpoint import CheckpointManager, check_elastic, read_rank_states
+from scale.ds_config import fill_ds_config, load_ds_config, precision_of, with_universal_load
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.launch import (announce_device, config_error, data_path_or_demo, main_rank_log, start_process,
-                          trainer_arg_parser, write_run_files)
+from scale.launch import (announce_device, check_can_start, config_error, data_path_or_demo, main_rank_log,
+                          start_process, trainer_arg_parser, write_run_files)
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.metrics import MetricsProcessor, device_peak_flops
@@ -41,9 +42,15 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_model_name(cfg, cuda)
         check_data_path(cfg)
+        check_can_start(cfg)
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
         peak_lr = scale_lr(cfg.optim.lr, global_batch, cfg.optim.lr_batch_base)
         ds = fill_ds_config(load_ds_config(args.ds_config), cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr)
+        resuming = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=0).resolve_resume(cfg.resume)
+        if resuming is not None:
+            read_rank_states(*resuming)  # every trainer file loads weights-only: refuse a bad one before init
+        if resuming is not None and check_elastic(*resuming, world_size):
+            ds = with_universal_load(ds)  # another world size: must be known before deepspeed.initialize
     except ConfigError as e:
         return config_error(e, is_rank0)
 
@@ -84,9 +91,12 @@ def main(argv=None) -> int:
 
     # -------------------------------------------------------------------- resume
     trainer = Trainer(cfg, task, engine, info, log)
-    resumed = trainer.resume(cfg.resume)
+    try:
+        resumed = trainer.resume(cfg.resume)
+    except ConfigError as e:  # damage found only by DeepSpeed's loader, after init
+        return config_error(e, info.is_main)
     if resumed is not None:
-        loader.load_state_dict(resumed["loader"])
+        trainer.restore_loader(loader, resumed)
         trainer.check_schedule(schedule)
         if trainer.step >= total_steps:
             log(f"already at step {trainer.step} of {total_steps}: nothing to train (resume=none starts over, "

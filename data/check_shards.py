@@ -18,7 +18,7 @@ from collections import Counter
 from functools import partial
 from multiprocessing import Pool
 
-from .index import expand_urls
+from .index import _is_local, expand_urls
 from .shards import DEFAULT_MAX_PIXELS, decode_sample, iter_tar_samples, open_shard
 
 
@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.num_classes is not None and a.num_classes < 1:
         ap.error(f"--num-classes {a.num_classes} must be >= 1")
+    if a.workers < 1:
+        ap.error(f"--workers {a.workers} must be >= 1")
+    if _is_local(a.path) and "{" not in a.path and not os.path.exists(a.path.removeprefix("file:")):
+        ap.error(f"{a.path} does not exist: pass a shard folder, brace pattern, list file or pipe: command")
+    try:
+        expand_urls(a.path, a.split)  # a missing or empty PATH is a usage error, not a report
+    except (OSError, ValueError) as e:
+        ap.error(f"{e}: pass a shard folder, brace pattern, list file or pipe: command")
     logging.basicConfig(level=logging.ERROR)
     report = check_shards(a.path, a.split, a.workers, a.num_classes)
     print(json.dumps(report))

@@ -23,6 +23,9 @@ use (`num_classes`), are skipped and counted; if that leaves a rank short, its l
 topped up with samples it already yielded this epoch (counted in `padded`), so batch counts stay equal.
 The counts resume exactly as well: each chunk tells how far into each piece the errors it carries
 reach, and a restored loader counts only errors beyond that, whatever the new number of workers.
+
+Elastic resume (`load_elastic_states`): the states of all N ranks of a run give the rest of their
+epoch, which `data.elastic` re-cuts into equal shares for M ranks; then epochs are planned for M.
 """
 import hashlib
 import logging
@@ -35,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import elastic
+from .elastic import Piece
 from .index import expand_urls, shard_counts
 from .shards import DEFAULT_MAX_PIXELS, WarningLimiter, decode_sample, iter_tar_samples, open_shard
 
@@ -128,11 +133,12 @@ def _as_is(chunk: dict) -> dict:
 class _EpochStream(IterableDataset):
     """One rank's epoch, read by DataLoader workers; yields chunks of decoded samples plus bookkeeping."""
 
-    def __init__(self, urls: list[str], pieces: list[tuple[int, int, int]], skip: dict[int, int],
+    def __init__(self, urls: list[str], pieces: list[Piece], skip: dict[int, int],
                  replay: dict[int, tuple[int, int]], counted: dict[int, int], offset: int, transform: Callable,
                  chunk_size: int, seeds: tuple[int, int, int], shuffle_buffer: int, interleave: int,
                  max_pixels: int, num_classes: int | None):
-        self.urls, self.pieces, self.skip, self.replay, self.offset = urls, pieces, skip, replay, offset
+        self.urls, self.pieces, self.replay, self.offset = urls, pieces, replay, offset
+        self.skip = {p: max(skip.get(p, 0), pc.lo) for p, pc in enumerate(pieces)}  # an elastic piece starts at lo
         self.counted = counted  # per piece: errors at output positions below this were counted before a resume
         self.transform, self.chunk_size, self.seeds = transform, chunk_size, seeds
         self.shuffle_buffer, self.interleave, self.max_pixels = shuffle_buffer, interleave, max_pixels
@@ -144,8 +150,8 @@ class _EpochStream(IterableDataset):
 
         A read error is reported at the position of the next output: the draw that returns it meets it.
         """
-        shard, start, end = self.pieces[p]
-        rng = random.Random(f"{self.seeds}-{p}")
+        shard, start, end, seeds, piece, _, hi = self.pieces[p]
+        rng = random.Random(f"{seeds}-{piece}")
         buf, pos = [], 0
         raw = iter_tar_samples(open_shard(self.urls[shard]), lambda reason, detail: on_error(reason, detail, p, pos),
                                self.urls[shard])
@@ -158,13 +164,16 @@ class _EpochStream(IterableDataset):
             if len(buf) >= self.shuffle_buffer:
                 j = rng.randrange(len(buf))
                 buf[j], buf[-1] = buf[-1], buf[j]
+                if pos >= hi:  # the rest of the piece belongs to another rank (elastic resume)
+                    break
                 yield pos, *buf.pop()
                 pos += 1
         raw.close()  # releases the file/pipe now rather than at garbage collection
-        rng.shuffle(buf)
-        for key, sample in buf:
-            yield pos, key, sample
-            pos += 1
+        if pos < hi:
+            rng.shuffle(buf)
+            for key, sample in buf[:hi - pos]:
+                yield pos, key, sample
+                pos += 1
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -203,7 +212,7 @@ class _EpochStream(IterableDataset):
                 warn(reason, detail)
 
         todo = deque(p for p in range(wid, len(self.pieces), nw)
-                     if self.skip.get(p, 0) < self.pieces[p][2] - self.pieces[p][1])
+                     if self.skip[p] < self.pieces[p].hi)
         active: list[tuple[int, Iterator]] = []
         pick = random.Random(f"{self.seeds}-mix-{wid}-{nw}")
         chunk: list[dict] = []
@@ -219,12 +228,12 @@ class _EpochStream(IterableDataset):
             p, it = active[a]
             nxt = next(it, None)
             if nxt is None:
-                drawn[p] = self.pieces[p][2] - self.pieces[p][1] + 1
+                drawn[p] = self.pieces[p].hi + 1
                 active.pop(a)
                 continue
             pos, key, sample = nxt
             drawn[p] = pos + 1
-            if draw < replay or pos < self.skip.get(p, 0):
+            if draw < replay or pos < self.skip[p]:
                 continue
             img, label, reason = decode_sample(sample, self.max_pixels, self.num_classes)
             if img is None:
@@ -232,7 +241,7 @@ class _EpochStream(IterableDataset):
                 continue
             # Seeded per sample, not per worker: samples skipped on resume draw nothing, and a worker's
             # RNG stream would otherwise depend on which samples it happened to decode before.
-            _seed_rngs(_sample_seed(self.seeds, p, pos))
+            _seed_rngs(_sample_seed(self.pieces[p].seeds, self.pieces[p].piece, pos))
             out = self.transform(img)
             out = dict(out) if isinstance(out, dict) else {"image": out}
             out.update(label=label, __key__=key)
@@ -335,6 +344,7 @@ class ShardLoader:
         self._base: dict[int, int] = {}  # per-piece prefix skipped when the current stream started
         self._workers: dict[int, list[int]] = {}  # logical worker -> [draws done, samples of open chunk]
         self._next_worker = 0
+        self._elastic: list[Piece] | None = None  # this epoch's re-cut plan after a change of world size
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
@@ -361,7 +371,8 @@ class ShardLoader:
                 "workers": {w: list(v) for w, v in self._workers.items()}, "next_worker": self._next_worker,
                 "num_workers": self._nw, "corrupt": dict(self._corrupt), "padded": self.padded, "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
-                "resampled": self.resampled, "num_classes": self.num_classes, "shards": self._fingerprint}
+                "resampled": self.resampled, "num_classes": self.num_classes, "shards": self._fingerprint,
+                "elastic": [list(p) for p in self._elastic] if self._elastic is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by `state_dict` on the same rank; num_workers may differ.
@@ -392,11 +403,65 @@ class ShardLoader:
             self._base = dict(self._consumed)
         self._corrupt = Counter(state["corrupt"])
         self.padded = state["padded"]
+        if state.get("elastic") is not None:
+            self._elastic = elastic.from_lists(state["elastic"])
+
+    def load_elastic_states(self, states: list[dict]) -> int:
+        """Continue the epoch that the loaders of another number of ranks saved `states` in (all of them).
+
+        This rank reads an equal contiguous share of what those ranks had not delivered (see
+        `data.elastic`), then normal epochs on this world size. Returns the samples dropped to make the
+        shares equal (fewer than world_size). Transforms keep their per-sample seeds; the order differs.
+        """
+        first = states[0]
+        for k in ("seed", "resampled", "num_classes"):
+            if first.get(k) != getattr(self, k):
+                raise ValueError(f"loader state has {k}={first.get(k)} but this loader has {getattr(self, k)}: "
+                                 f"construct the loader with {k}={first.get(k)} to resume")
+        if first["shards"] != self._fingerprint:
+            raise ValueError("loader state was saved for a different shard list or sample counts: "
+                             "resume with the same shards (and index.json)")
+        if sorted(s["rank"] for s in states) != list(range(first["world_size"])) or \
+                {(s["epoch"], s["batches"]) for s in states} != {(first["epoch"], first["batches"])}:
+            raise ValueError("elastic resume needs the loader states of every rank, all at the same batch")
+        states = sorted(states, key=lambda s: s["rank"])
+        self._reset(first["epoch"])
+        plans = [self._plan_of(s) for s in states]
+        old_batches = self._batches_of(sum(p.hi - p.lo for p in plans[0]), first["batch_size"])
+        self._corrupt = Counter() if self.rank else sum((Counter(s["corrupt"]) for s in states), Counter())
+        self.padded = 0 if self.rank else sum(s["padded"] for s in states)  # totals kept once, on rank 0
+        if first["batches"] >= old_batches:  # the epoch was over: start the next one here
+            self._reset(first["epoch"] + 1)
+            return 0
+        rest = [r for s, plan in zip(states, plans)
+                for r in elastic.remainders(plan, {int(k): v for k, v in s["consumed"].items()},
+                                            {int(k): v for k, v in s.get("counted", s["consumed"]).items()})]
+        self._elastic, self._counted = elastic.split(rest, self.rank, self.world_size)
+        return sum(p.hi - p.lo for p, _ in rest) % self.world_size
+
+    def _plan_of(self, state: dict) -> list[Piece]:
+        """The pieces the rank that saved `state` read in its epoch."""
+        if state.get("elastic") is not None:
+            return elastic.from_lists(state["elastic"])
+        plan = plan_epoch(self.counts, state["epoch"], self.seed, state["rank"], state["world_size"], self.resampled)
+        return elastic.as_pieces(plan, (self.seed, state["epoch"], state["rank"]))
+
+    def _pieces(self) -> list[Piece]:
+        """This rank's pieces of the current epoch."""
+        if self._elastic is not None:
+            return self._elastic
+        plan = plan_epoch(self.counts, self.epoch, self.seed, self.rank, self.world_size, self.resampled)
+        return elastic.as_pieces(plan, (self.seed, self.epoch, self.rank))
+
+    def _batches_of(self, samples: int, batch_size: int) -> int:
+        return samples // batch_size if self.drop_last else -(-samples // batch_size)
 
     def _batch_sizes(self) -> list[int]:
-        sizes = [self.batch_size] * self._len
-        if not self.drop_last:
-            sizes[-1] = self.per_rank - (self._len - 1) * self.batch_size
+        samples = sum(p.hi - p.lo for p in self._elastic) if self._elastic is not None else self.per_rank
+        n = self._batches_of(samples, self.batch_size)
+        sizes = [self.batch_size] * n
+        if sizes and not self.drop_last:
+            sizes[-1] = samples - (n - 1) * self.batch_size
         return sizes
 
     def _stream(self, pieces: list, skip: dict, replay: dict, counted: dict, offset: int) -> _EpochStream:
@@ -414,8 +479,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         """Yield the rest of the current epoch's batches, then advance to the next epoch."""
         epoch, sizes = self.epoch, self._batch_sizes()
-        if self._batches < self._len:
-            pieces = plan_epoch(self.counts, epoch, self.seed, self.rank, self.world_size, self.resampled)
+        if self._batches < len(sizes):
+            pieces = self._pieces()
             if self._batches == 0 and len(pieces) < self._nw:
                 log.warning("rank %d has %d shard pieces for %d workers: some workers idle; use at least "
                             "world_size x num_workers shards", self.rank, len(pieces), self._nw)
@@ -430,7 +495,7 @@ class ShardLoader:
             pending: deque = deque()
             have, last = 0, None
             it = iter(dl)
-            while self._batches < self._len:
+            while self._batches < len(sizes):
                 want = sizes[self._batches]
                 while have < want:
                     chunk = next(it, None)

@@ -182,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
-    index = write_shards(a.src, a.out, a.shard_size, a.workers, a.val_fraction, a.seed, not a.no_progress)
+    if a.shard_size < 1 or a.workers < 1 or not 0.0 <= a.val_fraction < 1.0:
+        ap.error("--shard-size and --workers must be >= 1 and --val-fraction in [0, 1)")
+    if not os.path.exists(a.src):
+        ap.error(f"{a.src} does not exist: pass an image folder (one subfolder per class) or a list file")
+    try:
+        index = write_shards(a.src, a.out, a.shard_size, a.workers, a.val_fraction, a.seed, not a.no_progress)
+    except ValueError as e:  # nothing usable in SRC: said before any shard is written
+        ap.error(f"{e}")
     print(json.dumps({"splits": {k: {"shards": len(v["shards"]), "samples": v["samples"]}
                                  for k, v in index["splits"].items()},
                       "classes": index["num_classes"], "skipped": index["skipped"]}))

@@ -15,7 +15,10 @@ filesystem every rank sees (shared storage on multi-node jobs), since rank 0 mar
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,33 @@ def find_checkpoint(path: str | Path) -> tuple[Path, str]:
     raise ConfigError(f"no complete checkpoint (a step_* folder with a {COMPLETE} file) under {path}")
 
 
+def damaged(tag_dir: Path, problem: str) -> ConfigError:
+    """The one-line error for a checkpoint marked COMPLETE whose files were damaged afterwards."""
+    return ConfigError(f"checkpoint {tag_dir} is damaged ({problem}): resume from an older one with "
+                       f"resume=<older step_* folder>, or delete {tag_dir} so resume=auto takes the previous one")
+
+
+def load_trainer_file(path: Path) -> dict[str, Any]:
+    """A trainer_rank file, loaded weights-only so a copied run folder cannot run code through it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise damaged(path.parent, f"{path.name} holds objects other than tensors and plain data, refused "
+                                   f"unread: {str(e).splitlines()[0][:120]}") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise damaged(path.parent, f"{path.name} unreadable: {str(e).splitlines()[0][:120]}") from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a crash leaves either the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """The step/model-args/config record saved next to a checkpoint."""
     return json.loads((Path(ckpt_dir) / tag / META).read_text())
@@ -85,7 +115,10 @@ class CheckpointManager:
         if resume.lower() == "auto":
             tags = complete_tags(self.dir)
             return (self.dir, tags[-1]) if tags else None
-        return find_checkpoint(resume)
+        try:
+            return find_checkpoint(resume)
+        except ConfigError as e:
+            raise ConfigError(f"resume={resume}: {e}; pass resume=auto, resume=none or a run/step_* folder") from None
 
     def save(self, engine: Any, step: int, *, client_state: dict[str, Any], rank_state: dict[str, Any],
              meta: dict[str, Any]) -> Path:
@@ -93,13 +126,16 @@ class CheckpointManager:
         import deepspeed.comm as dist
 
         tag = tag_for(step)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
         tag_dir = self.dir / tag
+        if self.rank == 0 and tag_dir.is_dir() and not (tag_dir / COMPLETE).exists():
+            shutil.rmtree(tag_dir)  # left by a crash mid-save: stale shards must not mix into the new save
+        dist.barrier()
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
         torch.save(rank_state, tag_dir / f"trainer_rank{self.rank:05d}.pt")
         dist.barrier()  # every rank's shards and state are on disk before we call it complete
         if self.rank == 0:
-            (tag_dir / META).write_text(json.dumps(meta, indent=1))
-            (tag_dir / COMPLETE).write_text(f"{step}\n")
+            write_atomic(tag_dir / META, json.dumps(meta, indent=1))  # whole before COMPLETE vouches for it
+            write_atomic(tag_dir / COMPLETE, f"{step}\n")
             self._rotate(keep=tag)
         dist.barrier()  # nobody races ahead to a save while rank 0 still deletes
         self.last_saved = tag_dir
@@ -115,15 +151,89 @@ class CheckpointManager:
             shutil.rmtree(self.dir / name, ignore_errors=True)
 
     def load(self, engine: Any, ckpt_dir: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Collective: restore model+optimizer into `engine`; return (client_state, this rank's state)."""
+        """Collective: restore model+optimizer into `engine`; return (client_state, this rank's state).
+
+        On another world size than the checkpoint's (`engine` built with `with_universal_load`), the
+        rank state is `{"loaders": every old rank's loader state, "task": {}}` and holds no RNG streams.
+        """
+        if engine.load_universal_checkpoint():
+            return self._load_elastic(engine, Path(ckpt_dir), tag)
         rank_file = Path(ckpt_dir) / tag / f"trainer_rank{self.rank:05d}.pt"
-        if not rank_file.exists():
-            raise ConfigError(f"{rank_file} is missing: the checkpoint was written by fewer ranks; resume on "
-                              f"the same number of ranks (or convert with deepspeed.checkpoint.ds_to_universal)")
-        load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=False)
+        rank_state = load_trainer_file(rank_file)  # first: a refused file must stop us before DeepSpeed unpickles
+        try:
+            load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                             load_lr_scheduler_states=False)
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            raise damaged(Path(ckpt_dir) / tag, f"DeepSpeed: {str(e).splitlines()[0][:160]}") from None
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+            raise damaged(Path(ckpt_dir) / tag, "DeepSpeed found no model states in it")
         self.last_saved = Path(ckpt_dir) / tag
         return client_state or {}, rank_state
+
+    def _load_elastic(self, engine: Any, ckpt_dir: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`load` from a checkpoint of another world size, through DeepSpeed's universal format."""
+        universal = to_universal(ckpt_dir, tag, rank=self.rank)
+        load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=universal.name,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load universal checkpoint {universal}")
+        states = read_rank_states(ckpt_dir, tag)
+        self.last_saved = ckpt_dir / tag
+        return client_state or {}, {"loaders": [s["loader"] for s in states], "task": {}}
+
+
+# ---------------------------------------------------------------- elastic resume (another number of ranks)
+UNIVERSAL_SUFFIX = "_universal"
+CONVERTED = "CONVERTED"  # not COMPLETE: `<tag>_universal` is never a step tag; rotation deletes it as unfinished
+
+
+def rank_files(ckpt_dir: Path, tag: str) -> list[Path]:
+    """The per-rank trainer files of a checkpoint, by rank."""
+    return sorted((Path(ckpt_dir) / tag).glob("trainer_rank*.pt"))
+
+
+def saved_world_size(ckpt_dir: Path, tag: str) -> int:
+    """How many ranks wrote a checkpoint (meta.json; older checkpoints: their trainer_rank files)."""
+    return read_meta(ckpt_dir, tag).get("world_size") or len(rank_files(ckpt_dir, tag))
+
+
+def read_rank_states(ckpt_dir: Path, tag: str) -> list[dict[str, Any]]:
+    """Every rank's trainer state of a checkpoint, by rank."""
+    return [load_trainer_file(f) for f in rank_files(ckpt_dir, tag)]
+
+
+def check_elastic(ckpt_dir: Path, tag: str, world_size: int) -> bool:
+    """Whether resuming `tag` on `world_size` ranks is elastic; ConfigError when its task state forbids it.
+
+    Cheap (reads rank 0's small file), so run scripts call it before building the engine.
+    """
+    saved = saved_world_size(ckpt_dir, tag)
+    if saved == world_size:
+        return False
+    task = load_trainer_file(rank_files(ckpt_dir, tag)[0]).get("task") or {}
+    if task:
+        # The fine-tune weight EMA is kept per ZeRO-3 shard: its shards follow no universal format.
+        raise ConfigError(f"{ckpt_dir / tag} was written by {saved} ranks and holds per-rank task state "
+                          f"({', '.join(task)}) that cannot be re-sharded: resume on {saved} ranks")
+    return True
+
+
+def to_universal(ckpt_dir: Path, tag: str, *, rank: int) -> Path:
+    """Collective: DeepSpeed's universal checkpoint of `tag`, converted once by rank 0 (reused if present)."""
+    import deepspeed.comm as dist
+
+    out = Path(ckpt_dir) / f"{tag}{UNIVERSAL_SUFFIX}"
+    if rank == 0 and not (out / CONVERTED).exists():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a conversion cut short before
+        ds_to_universal(argparse.Namespace(input_folder=str(Path(ckpt_dir) / tag), output_folder=str(tmp),
+                                           num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                           strict=True, inject_missing_state=False))
+        (tmp / CONVERTED).write_text(f"{tag}\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # atomic: a folder under this name is a whole conversion
+        (out.parent / "latest_universal").write_text(out.name)  # the converter named its temporary folder there
+    dist.barrier()
+    return out

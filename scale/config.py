@@ -12,6 +12,7 @@ The resolved tree is written to `<output_dir>/config.yaml` so a run can be repro
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -551,3 +552,16 @@ def check_data_path(cfg: RunConfig) -> None:
         return
     if not Path(path.removeprefix("file:")).exists():
         raise ConfigError(f"data.path={path} does not exist")
+    import tarfile
+
+    from data.index import expand_urls
+
+    fix = "point data.path at a folder of shards written by `python -m data.write_shards`"
+    try:
+        shards = [u.removeprefix("file:") for u in expand_urls(path)]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.path={path}: {e}; {fix}") from None
+    local = [s for s in shards if ":" not in s.split("/")[0]]
+    if not shards or (local and not any(os.path.isfile(s) and tarfile.is_tarfile(s) for s in local)):
+        # one readable shard is enough here: the loader skips and counts damaged ones later
+        raise ConfigError(f"data.path={path} holds no readable tar shard; {fix}")

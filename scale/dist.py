@@ -127,7 +127,10 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """This rank's RNG states (drop path and anything else drawn in the main process)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's key as a tensor: the state must load with torch.load(weights_only=True), which refuses ndarrays
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -136,7 +139,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what `rng_state` captured."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

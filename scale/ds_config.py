@@ -142,3 +142,8 @@ def zero_stage(ds: dict[str, Any]) -> int:
 def precision_of(ds: dict[str, Any]) -> str:
     """'bf16' or 'fp32', as a filled ds_config will run."""
     return "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+
+
+def with_universal_load(ds: dict[str, Any]) -> dict[str, Any]:
+    """`ds` set to load a universal checkpoint (resuming on another world size); set before deepspeed.initialize."""
+    return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}

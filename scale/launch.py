@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from scale.config import REPO_ROOT, RunConfig
+from scale.config import REPO_ROOT, ConfigError, RunConfig
 from scale.dist import DistInfo, map_launcher_env
 from scale.ds_config import precision_of
 from scale.host_memory import return_freed_host_memory
@@ -45,6 +46,25 @@ def start_process() -> tuple[int, bool, bool]:
     if not cuda:  # activations live in host memory: keep its footprint to the live tensors
         return_freed_host_memory()
     return int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0", cuda
+
+
+def check_can_start(cfg: RunConfig) -> None:
+    """What would only fail after init: an output dir that cannot be made, a MASTER_PORT already taken."""
+    parent = Path(cfg.output_dir).absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={cfg.output_dir} cannot be created ({parent} is not a writable folder): "
+                          f"choose an output_dir in a writable folder")
+    # rank 0 hosts the rendezvous store on MASTER_PORT, unless torchrun's agent already does
+    if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        with socket.socket() as s:
+            try:
+                s.bind((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
+            except OSError as e:
+                if e.errno == 98:  # EADDRINUSE; any other error (a remote MASTER_ADDR) is init's to report
+                    raise ConfigError(f"MASTER_PORT={os.environ['MASTER_PORT']} is in use on this host: set "
+                                      f"MASTER_PORT (or --master_port) to a free port") from None
 
 
 def config_error(error: Exception, is_main: bool) -> int:

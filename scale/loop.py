@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from scale.checkpoint import CheckpointManager
-from scale.dist import DistInfo, rng_state, set_rng_state
+from scale.checkpoint import UNIVERSAL_SUFFIX, CheckpointManager
+from scale.dist import DistInfo, rng_state, seed_everything, set_rng_state
 from scale.engine import Engine, NonFiniteGuard
 from scale.lr_schedule import LRSchedule
 from scale.metrics import MetricsProcessor, build_logger
@@ -53,9 +54,27 @@ class Trainer:
         self.run_state = client.get("run_state", {})
         self.saved_schedule = client["schedule"]
         self.task.load_state_dict(rank_state.get("task", {}))
-        set_rng_state(rank_state["rng"])  # drop path continues the exact random stream
+        if "rng" in rank_state:
+            set_rng_state(rank_state["rng"])  # drop path continues the exact random stream
+        else:
+            # Another world size: the old ranks' streams have no counterpart; each new rank gets its own
+            # stream from (seed, step, rank), so a resume at the same point draws the same numbers again.
+            seeds = np.random.SeedSequence([self.cfg.seed, self.step, self.info.rank])
+            seed_everything(int(seeds.generate_state(1)[0]))
+            universal = f"{found[0]}/{found[1]}{UNIVERSAL_SUFFIX}"
+            self.log(f"elastic resume: checkpoint written by {len(rank_state['loaders'])} ranks, resuming on "
+                     f"{self.info.world_size}: converted to a universal checkpoint ({universal})")
         self.log(f"resumed from {found[0]}/{found[1]} at step {self.step}")
         return rank_state
+
+    def restore_loader(self, loader: Any, rank_state: dict[str, Any]) -> None:
+        """Put `loader` at the resumed checkpoint's data position (re-cut for this world size if it changed)."""
+        if "loaders" not in rank_state:
+            loader.load_state_dict(rank_state["loader"])
+            return
+        dropped = loader.load_elastic_states(rank_state["loaders"])
+        self.log(f"elastic resume: the rest of epoch {loader.epoch} re-split over {self.info.world_size} rank(s), "
+                 f"{dropped} sample(s) dropped to keep the shares equal")
 
     def check_schedule(self, schedule: LRSchedule) -> None:
         """Say so when the resumed run's LR curve differs from the one the checkpoint was trained with."""
@@ -72,7 +91,8 @@ class Trainer:
                           "run_state": self.run_state},
             rank_state={"rng": rng_state(), "loader": self.loader.state_dict() if self.loader else None,
                         "task": self.task.state_dict()},
-            meta={"step": self.step, "config": self.cfg.to_dict(), "model_args": model_args})
+            meta={"step": self.step, "config": self.cfg.to_dict(), "model_args": model_args,
+                  "world_size": self.info.world_size})
 
     def save_if_new(self) -> None:
         """Checkpoint the current step unless a complete checkpoint of it exists (a resumed, finished run)."""

@@ -1,6 +1,7 @@
 """Config loading: YAML + dotted overrides, type checks, one-line errors, every shipped config."""
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,10 @@ def test_model_shape_rules_are_checked_before_building(tmp_path):
         # only the model knows the width (96, from the registry) that these heads must divide
         check_model_name(load_config(None, ["model.embed_dim=null", "model.num_heads=[5,6,12,24]"]))
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="no \\*.tar shards"):  # a folder without shards fails before init
+        check_data_path(load_config(None, [f"data.path={tmp_path}"]))
+    with tarfile.open(tmp_path / "train-000000.tar", "w"):
+        pass
     check_data_path(load_config(None, [f"data.path={tmp_path}"]))
     check_data_path(load_config(None, ["data.path=pipe:cat x.tar"]))
     with pytest.raises(ConfigError, match="data.path=/no/such/shards does not exist"):
