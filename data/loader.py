@@ -374,20 +374,24 @@ class ShardLoader:
                 "resampled": self.resampled, "num_classes": self.num_classes, "shards": self._fingerprint,
                 "elastic": [list(p) for p in self._elastic] if self._elastic is not None else None}
 
+    def _check_saved_by_same_setup(self, state: dict, also: tuple[str, ...]) -> None:
+        """ValueError unless `state` was saved by a loader of the same shards, seed and sampling (and `also`)."""
+        # num_classes decides which samples are skipped; states saved before it existed had none.
+        for k in ("seed", "resampled", "num_classes", *also):
+            if state.get(k) != getattr(self, k):
+                raise ValueError(f"loader state has {k}={state.get(k)} but this loader has {getattr(self, k)}: "
+                                 f"construct the loader with {k}={state.get(k)} to resume")
+        if state["shards"] != self._fingerprint:
+            raise ValueError("loader state was saved for a different shard list or sample counts: "
+                             "resume with the same shards (and index.json)")
+
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by `state_dict` on the same rank; num_workers may differ.
 
         With the same num_workers the rest of the epoch comes in exactly the uninterrupted order;
         with another count it holds exactly the same samples in another order.
         """
-        # num_classes decides which samples are skipped; states saved before it existed had none.
-        for k in ("seed", "rank", "world_size", "batch_size", "resampled", "num_classes"):
-            if state.get(k) != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state.get(k)} but this loader has {getattr(self, k)}: "
-                                 f"construct the loader with {k}={state.get(k)} to resume exactly")
-        if state["shards"] != self._fingerprint:
-            raise ValueError("loader state was saved for a different shard list or sample counts: "
-                             "resume with the same shards (and index.json)")
+        self._check_saved_by_same_setup(state, ("rank", "world_size", "batch_size"))
         self._reset(state["epoch"])
         self._batches = state["batches"]
         self._consumed = {int(k): int(v) for k, v in state["consumed"].items()}
@@ -414,13 +418,7 @@ class ShardLoader:
         shares equal (fewer than world_size). Transforms keep their per-sample seeds; the order differs.
         """
         first = states[0]
-        for k in ("seed", "resampled", "num_classes"):
-            if first.get(k) != getattr(self, k):
-                raise ValueError(f"loader state has {k}={first.get(k)} but this loader has {getattr(self, k)}: "
-                                 f"construct the loader with {k}={first.get(k)} to resume")
-        if first["shards"] != self._fingerprint:
-            raise ValueError("loader state was saved for a different shard list or sample counts: "
-                             "resume with the same shards (and index.json)")
+        self._check_saved_by_same_setup(first, ())
         if sorted(s["rank"] for s in states) != list(range(first["world_size"])) or \
                 {(s["epoch"], s["batches"]) for s in states} != {(first["epoch"], first["batches"])}:
             raise ValueError("elastic resume needs the loader states of every rank, all at the same batch")
