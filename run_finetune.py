@@ -18,7 +18,7 @@ import os
 import resource
 import sys
 
-from scale.checkpoint import CheckpointManager, check_elastic, read_rank_states, tag_for
+from scale.checkpoint import CheckpointManager, check_elastic, check_resumable, tag_for
 from scale.config import FINETUNE_DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_finetune_config
 from scale.dist import init_distributed, local_world_size, seed_everything
 from scale.ds_config import (fill_ds_config, load_ds_config, planned_precision, precision_of, with_universal_load,
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                             micro_batch=plans[0].micro_batch, grad_accum_steps=plans[0].grad_accum_steps)
         resuming = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=info.rank).resolve_resume(cfg.resume)
         if resuming is not None:
-            read_rank_states(*resuming)  # every trainer file loads weights-only: refuse a bad one before init
+            check_resumable(*resuming, cfg)  # weights-only trainer files, the same model: refused before init
         if resuming is not None and check_elastic(*resuming, world_size):
             ds = with_universal_load(ds)  # another world size: must be known before deepspeed.initialize
     except (ConfigError, ValueError) as e:

@@ -17,7 +17,7 @@ import sys
 
 from scale.config import DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_config
 from scale.dist import init_distributed, seed_everything
-from scale.checkpoint import CheckpointManager, check_elastic, read_rank_states
+from scale.checkpoint import CheckpointManager, check_elastic, check_resumable
 from scale.ds_config import fill_ds_config, load_ds_config, precision_of, with_universal_load
 from scale.engine import NonFiniteLossError, build_engine, partitioned
 from scale.launch import (announce_device, check_can_start, config_error, data_path_or_demo, main_rank_log,
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         ds = fill_ds_config(load_ds_config(args.ds_config), cfg, world_size=world_size, cuda=cuda, peak_lr=peak_lr)
         resuming = CheckpointManager(cfg.checkpoint, cfg.output_dir, rank=0).resolve_resume(cfg.resume)
         if resuming is not None:
-            read_rank_states(*resuming)  # every trainer file loads weights-only: refuse a bad one before init
+            check_resumable(*resuming, cfg)  # weights-only trainer files, the same model: refused before init
         if resuming is not None and check_elastic(*resuming, world_size):
             ds = with_universal_load(ds)  # another world size: must be known before deepspeed.initialize
     except ConfigError as e:

@@ -202,6 +202,24 @@ def read_rank_states(ckpt_dir: Path, tag: str) -> list[dict[str, Any]]:
     return [load_trainer_file(f) for f in rank_files(ckpt_dir, tag)]
 
 
+# what decides the weights' shapes: a checkpoint of another value cannot load (img_size and window can change)
+ARCHITECTURE_KEYS = ("name", "patch_size", "embed_dim", "depths", "num_heads")
+
+
+def check_resumable(ckpt_dir: Path, tag: str, cfg: Any) -> None:
+    """ConfigError, before any process group, when `tag` cannot be resumed by a run of `cfg`.
+
+    Every trainer file must load weights-only, and the checkpoint's model must have the config's shapes.
+    """
+    read_rank_states(ckpt_dir, tag)
+    saved = read_meta(ckpt_dir, tag).get("config", {}).get("model", {})
+    differ = [f"model.{k}={saved[k]} (config: {getattr(cfg.model, k)})" for k in ARCHITECTURE_KEYS
+              if k in saved and saved[k] != getattr(cfg.model, k)]
+    if differ:
+        raise ConfigError(f"{Path(ckpt_dir) / tag} holds another model: {', '.join(differ)}; set those keys to "
+                          f"the checkpoint's values, or start a new output_dir with resume=none")
+
+
 def check_elastic(ckpt_dir: Path, tag: str, world_size: int) -> bool:
     """Whether resuming `tag` on `world_size` ranks is elastic; ConfigError when its task state forbids it.
 

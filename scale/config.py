@@ -505,7 +505,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path.is_dir():
         raise ConfigError(f"--config {path} is a folder: give a YAML file, e.g. {default}")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist: give an existing YAML file, e.g. {default}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -551,7 +551,8 @@ def check_data_path(cfg: RunConfig) -> None:
     if not path or "{" in path or path.startswith("pipe:") or ":" in path.split("/")[0]:
         return
     if not Path(path.removeprefix("file:")).exists():
-        raise ConfigError(f"data.path={path} does not exist")
+        raise ConfigError(f"data.path={path} does not exist: point data.path at a shard folder, a brace pattern or "
+                          f"a list file (leave it empty for the demo shards)")
     import tarfile
 
     from data.index import expand_urls

@@ -5,6 +5,7 @@ Each case is one plain `python <entry point> ...` process (no launcher: all of t
 distributed init, in seconds); two cases also run under the deepspeed launcher on 2 ranks, where the
 line must appear once (rank 0 only).
 """
+import json
 import os
 import socket
 import subprocess
@@ -29,12 +30,17 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _fake_checkpoint(root: Path, trainer_file: bytes | None = None, payload: Path | None = None) -> Path:
-    """A step folder marked COMPLETE whose trainer file is garbage or a code-running pickle."""
+def _fake_checkpoint(root: Path, trainer_file: bytes | None = None, payload: Path | None = None,
+                     model: dict | None = None) -> Path:
+    """A step folder marked COMPLETE whose trainer file is garbage or a code-running pickle, or (`model`) a
+    sound trainer file in a checkpoint of that model config."""
     tag = root / "checkpoints" / "step_00000003"
     tag.mkdir(parents=True)
-    (tag / "meta.json").write_text('{"step": 3, "model_args": {}, "config": {}, "world_size": 1}')
-    if payload is not None:
+    (tag / "meta.json").write_text(json.dumps({"step": 3, "model_args": {}, "config": {"model": model or {}},
+                                               "world_size": 1}))
+    if model is not None:
+        torch.save({"rng": {}, "loader": None, "task": {}}, tag / "trainer_rank00000.pt")
+    elif payload is not None:
         torch.save({"rng": Payload(str(payload)), "loader": None, "task": {}}, tag / "trainer_rank00000.pt")
     else:
         (tag / "trainer_rank00000.pt").write_bytes(trainer_file or b"not a torch file")
@@ -70,6 +76,7 @@ CASES = {
     "resume_no_checkpoint_there": ([*PRE, "resume={tmp}/empty"], "checkpoint"),
     "resume_corrupt": ([*PRE, "resume={tmp}/garbage_run"], "damaged"),
     "resume_hostile_pickle": ([*PRE, "resume={tmp}/hostile_run"], "refused"),
+    "resume_other_model_size": ([*PRE, "resume={tmp}/base_run"], "model.embed_dim"),
     "output_dir_unwritable": ([*PRE, "output_dir={tmp}/a_file/out"], "output_dir"),
     "port_in_use": (PRE, "MASTER_PORT"),
     "pretrained_missing": ([*FIN, "--pretrained", "{tmp}/nope.pt"], "--pretrained"),
@@ -101,6 +108,9 @@ def tmp(tmp_path_factory):
     (tmp / "garbage.pt").write_bytes(b"\x80\x02garbage")
     _fake_checkpoint(tmp / "garbage_run")
     _fake_checkpoint(tmp / "hostile_run", payload=tmp / "PWNED")
+    # the demo is a cut-down swinv2_tiny (embed_dim 32): a checkpoint of another width cannot load into it
+    _fake_checkpoint(tmp / "base_run", model={"name": "swinv2_tiny", "patch_size": 4, "embed_dim": 128,
+                                              "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8]})
     return tmp
 
 
