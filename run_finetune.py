@@ -30,6 +30,7 @@ from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.memory import device_memory_budget
 from scale.metrics import MetricsProcessor, device_peak_flops
+from scale.preemption import EXIT_PREEMPTED, Preempted, requeue_job
 from scale.pretrained import load_weights, open_pretrained
 from scale.stages import plan_stages
 from scale.tasks import build_task
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         trainer.ckpt.pinned.add(best["checkpoint"])
 
     # -------------------------------------------------------------------- stages
-    exit_code = 0
+    exit_code, requeue = 0, False
     try:
         for plan in plans[len(results):]:
             stage = cfg.stages[plan.index]
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         log(f"stopped: {e}")
         exit_code = 1
+    except Preempted as e:
+        log(str(e))
+        exit_code, requeue = EXIT_PREEMPTED, e.requeue
     trainer.close()
     if exit_code == 0:
         log(f"done: {trainer.step} steps; best top-1 {best['top1']:.2f}% (stage {best['stage'] + 1}, "
@@ -191,6 +195,8 @@ def main(argv=None) -> int:
             f"python -m scale.export {trainer.ckpt.dir / best['checkpoint']} out.pt [--format timm]")
     dist.barrier()
     dist.destroy_process_group()
+    if exit_code == EXIT_PREEMPTED and requeue and info.is_main:
+        requeue_job(log)  # last: SLURM ends the job's tasks as it requeues
     return exit_code
 
 

@@ -25,6 +25,7 @@ from scale.launch import (announce_device, check_can_start, config_error, data_p
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.metrics import MetricsProcessor, device_peak_flops
+from scale.preemption import EXIT_PREEMPTED, Preempted, requeue_job
 from scale.tasks import build_task
 
 
@@ -107,19 +108,24 @@ def main(argv=None) -> int:
                                images_per_step=global_batch, flops_per_image=flops_per_image,
                                peak_flops=device_peak_flops(info.device), device=info.device,
                                world_size=info.world_size, print_fn=log)
-    exit_code = 0
+    exit_code, requeue = 0, False
     try:
         trainer.train(loader, schedule, metrics, until=total_steps)
         trainer.save_if_new()
     except NonFiniteLossError as e:
         log(f"stopped: {e}")
         exit_code = 1
+    except Preempted as e:
+        log(str(e))
+        exit_code, requeue = EXIT_PREEMPTED, e.requeue
     trainer.close()
     if exit_code == 0:
         log(f"done: {trainer.step} steps; checkpoints in {trainer.ckpt.dir}; export with: python -m scale.export "
             f"{cfg.output_dir} {os.path.join(cfg.output_dir, 'pretrained.pt')}")
     dist.barrier()
     dist.destroy_process_group()
+    if exit_code == EXIT_PREEMPTED and requeue and info.is_main:
+        requeue_job(log)  # last: SLURM ends the job's tasks as it requeues
     return exit_code
 
 

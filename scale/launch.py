@@ -20,6 +20,7 @@ from scale.config import REPO_ROOT, ConfigError, RunConfig
 from scale.dist import DistInfo, map_launcher_env
 from scale.ds_config import precision_of
 from scale.host_memory import return_freed_host_memory
+from scale.preemption import STOP
 
 
 def trainer_arg_parser(description: str, demo_config: Path) -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def start_process() -> tuple[int, bool, bool]:
 
     Returns (world size, whether this is rank 0, whether a GPU is used), known before any process group.
     """
+    STOP.install()  # from the first moment: SIGUSR1's default action would end the job without a checkpoint
     map_launcher_env()  # RANK/WORLD_SIZE from the launcher, SLURM, or a one-process default
     cuda = torch.cuda.is_available()
     if not cuda:  # activations live in host memory: keep its footprint to the live tensors

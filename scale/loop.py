@@ -20,6 +20,7 @@ from scale.dist import DistInfo, rng_state, seed_everything, set_rng_state
 from scale.engine import Engine, NonFiniteGuard
 from scale.lr_schedule import LRSchedule
 from scale.metrics import MetricsProcessor, build_logger
+from scale.preemption import STOP, Preempted
 from scale.tasks.base import Task
 
 
@@ -104,7 +105,9 @@ class Trainer:
 
         Saves every `checkpoint.every_steps` before `until`; the caller saves at `until` (`save_if_new`).
 
-        Raises NonFiniteLossError when too many steps in a row were non-finite.
+        Raises NonFiniteLossError when too many steps in a row were non-finite, and Preempted after
+        saving when a stop signal reached any rank (see scale/preemption.py); a stop agreed at `until`
+        is left to the caller's save there and to the next `train`.
         """
         import deepspeed.comm as dist
 
@@ -126,12 +129,19 @@ class Trainer:
             self.step += 1
             task.after_optimizer_step(engine, self.step)
             metrics.nonfinite_skips, metrics.overflow_skips = self.guard.total, engine.overflow_skips
-            corrupt = torch.tensor(float(sum(loader.corrupt_counts().values())), device=self.info.device)
-            dist.all_reduce(corrupt)  # skipped samples of all ranks, for the log line
+            # skipped samples of all ranks, for the log line, and every rank's stop signals: all ranks read
+            # the same sums after the same step, so they agree on where to stop whenever the signals came
+            status = torch.tensor([float(sum(loader.corrupt_counts().values())), *STOP.votes()],
+                                  device=self.info.device)
+            dist.all_reduce(status)
+            corrupt, *stop_votes = status.tolist()
             metrics.step_done(self.step, loss=sum(losses) / len(losses), lr=lr, grad_norm=engine.grad_norm(),
-                              corrupt=int(corrupt.item()))
-            if self.step < until and self.ckpt.due(self.step, final=False):
-                self.save()  # the step `until` is the caller's to save, after what it does there (evaluation)
+                              corrupt=int(corrupt))
+            stopping = self.step < until and stop_votes[0] > 0
+            if self.step < until and (stopping or self.ckpt.due(self.step, final=False)):
+                saved = self.save()  # the step `until` is the caller's to save, after what it does there (eval)
+            if stopping:
+                raise Preempted(self.step, str(saved), STOP.describe(stop_votes), requeue=stop_votes[1] > 0)
             if self.step == until or self.step % self.cfg.log.image_every_steps == 0:
                 task.draw(engine, self.step, batch, self.logger)
             metrics.restart_clock()  # checkpoint and image time is not step time
