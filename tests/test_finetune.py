@@ -1,19 +1,22 @@
 """run_finetune.py end to end on 2 real CPU ranks (deepspeed --num_gpus 2, gloo, fp32, ZeRO-3).
 
-Three launches, shared by the tests below (module fixture): the demo pretraining; the demo progressive
+Launches shared by the tests below (module fixture): the demo pretraining; the demo progressive
 fine-tune (64/w4 -> 96/w6 -> 128/w8) from it, shortened to 270 steps (a small SwinV2 needs ~150 steps at
-64 px before it separates the classes, then climbs fast); and a copy of that
-fine-tune cut back to its checkpoint in the middle of stage 2, continued with `resume=auto`.
+64 px before it separates the classes, then climbs fast); and a copy of that fine-tune cut back to its
+checkpoint in the middle of stage 2, continued with `resume=auto`, stopped by SIGTERM to the job a
+few steps later (a preemption inside a stage) and continued again to the end.
 """
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.distributed import REPO_ROOT, run_deepspeed
+from tests.distributed import REPO_ROOT, finish, logged_step, run_deepspeed, start_deepspeed, wait_for
 
 pytestmark = pytest.mark.distributed
 
@@ -43,9 +46,13 @@ def runs(tmp_path_factory):
     later = [f"step_{s:08d}" for s in range(MID_STAGE_2 + 1, FINETUNE_STEPS + 1)]
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns(*later, "metrics.json", "metrics.jsonl",
                                                                  "tensorboard"))
-    stdout["resumed"] = run_deepspeed("run_finetune.py", "--pretrained", str(pretrain), *COMMON,
-                                      f"train.max_steps={FINETUNE_STEPS}", f"checkpoint.every_steps={MID_STAGE_2}",
-                                      "checkpoint.keep_last=5", f"output_dir={resumed}", timeout=900).stdout
+    args = ["--pretrained", str(pretrain), *COMMON, f"train.max_steps={FINETUNE_STEPS}",
+            f"checkpoint.every_steps={MID_STAGE_2}", "checkpoint.keep_last=5", f"output_dir={resumed}"]
+    proc = start_deepspeed("run_finetune.py", *args)
+    wait_for(lambda: logged_step(resumed) > MID_STAGE_2, proc, timeout=600)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stdout["preempted"] = finish(proc)  # the one-node `deepspeed` command itself dies of the signal
+    stdout["resumed"] = run_deepspeed("run_finetune.py", *args, timeout=900).stdout
     return root, stdout
 
 
@@ -72,9 +79,13 @@ def test_each_stage_keeps_the_global_batch(runs):
         assert micro * accum * 2 == 64, line
 
 
-def test_resume_mid_stage_2_is_bitwise_equal(runs):
+def test_resume_mid_stage_2_and_after_a_preemption_is_bitwise_equal(runs):
     root, stdout = runs
-    assert f"at step {MID_STAGE_2}" in stdout["resumed"]
+    assert f"at step {MID_STAGE_2}" in stdout["preempted"]
+    stopped = [line for line in stdout["preempted"].splitlines() if line.startswith("preempted at step ")]
+    assert len(stopped) == 1, stdout["preempted"][-3000:]
+    step = int(stopped[0].split()[3])
+    assert MID_STAGE_2 < step < FINETUNE_STEPS and f"at step {step}" in stdout["resumed"], stopped
     full = json.loads((root / "full" / "metrics.json").read_text())
     resumed = json.loads((root / "resumed" / "metrics.json").read_text())
     assert resumed["stages"] == full["stages"]  # exact float equality of every stage's top1/top5
