@@ -193,10 +193,10 @@ def main(argv=None) -> int:
         log(f"done: {trainer.step} steps; best top-1 {best['top1']:.2f}% (stage {best['stage'] + 1}, "
             f"{trainer.ckpt.dir / best['checkpoint']}); metrics in {cfg.output_dir}/metrics.json; export with: "
             f"python -m scale.export {trainer.ckpt.dir / best['checkpoint']} out.pt [--format timm]")
+    if exit_code == EXIT_PREEMPTED and requeue and info.is_main:
+        requeue_job(log)  # before the barrier: no rank exits (and srun ends the step) before the requeue is in
     dist.barrier()
     dist.destroy_process_group()
-    if exit_code == EXIT_PREEMPTED and requeue and info.is_main:
-        requeue_job(log)  # last: SLURM ends the job's tasks as it requeues
     return exit_code
 
 

@@ -122,10 +122,10 @@ def main(argv=None) -> int:
     if exit_code == 0:
         log(f"done: {trainer.step} steps; checkpoints in {trainer.ckpt.dir}; export with: python -m scale.export "
             f"{cfg.output_dir} {os.path.join(cfg.output_dir, 'pretrained.pt')}")
+    if exit_code == EXIT_PREEMPTED and requeue and info.is_main:
+        requeue_job(log)  # before the barrier: no rank exits (and srun ends the step) before the requeue is in
     dist.barrier()
     dist.destroy_process_group()
-    if exit_code == EXIT_PREEMPTED and requeue and info.is_main:
-        requeue_job(log)  # last: SLURM ends the job's tasks as it requeues
     return exit_code
 
 

@@ -61,6 +61,8 @@ def check_can_start(cfg: RunConfig) -> None:
     # rank 0 hosts the rendezvous store on MASTER_PORT, unless torchrun's agent already does
     if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         with socket.socket() as s:
+            # as the store does: a port left in TIME_WAIT by the previous run (a requeued job reuses its port) is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])))
             except OSError as e:

@@ -9,11 +9,10 @@ import signal
 
 import pytest
 
-from scale.preemption import EXIT_PREEMPTED
+from scale.preemption import EXIT_PREEMPTED, REQUEUE_SIGNALS, STOP_SIGNALS, StopSignals
 from tests.distributed import (assert_same_weights, export_weights, finish, logged_step, rank_pids, run_deepspeed,
                                start_deepspeed, wait_for)
 
-pytestmark = pytest.mark.distributed
 
 STEPS = 12
 COMMON = ["--ds_config", "ds_configs/zero2.json", "model.img_size=32", "train.micro_batch_size=8",
@@ -28,6 +27,30 @@ def _stopped_at(log: str) -> int:
     return int(lines[0].split()[3])
 
 
+@pytest.fixture
+def stop_signals():
+    """A StopSignals installed in this process, pytest's own handlers back afterwards."""
+    before = {sig: signal.getsignal(sig) for sig in REQUEUE_SIGNALS + STOP_SIGNALS}
+    stop = StopSignals()
+    stop.install()
+    yield stop
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def test_signals_are_recorded_as_votes_and_a_second_ctrl_c_aborts(stop_signals):
+    assert stop_signals.votes() == [0.0, 0.0]
+    os.kill(os.getpid(), signal.SIGTERM)  # handlers run between bytecodes, before kill() returns here
+    assert stop_signals.votes() == [1.0, 0.0]
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert stop_signals.votes() == [1.0, 1.0]
+    assert stop_signals.describe([2.0, 1.0]) == "the scheduler's warning before the time limit, received by 2 rank(s)"
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.distributed
 def test_sigterm_to_the_job_checkpoints_and_resume_is_bitwise_equal(tmp_path):
     run_deepspeed("run_pretrain.py", *COMMON, f"output_dir={tmp_path / 'full'}", timeout=600)
     out = tmp_path / "stopped"
@@ -49,6 +72,7 @@ def test_sigterm_to_the_job_checkpoints_and_resume_is_bitwise_equal(tmp_path):
                         export_weights(out, tmp_path / "stopped.pt"))
 
 
+@pytest.mark.distributed
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     out = tmp_path / "run"
     proc = start_deepspeed("run_pretrain.py", *COMMON, f"output_dir={out}")
