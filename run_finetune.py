@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     log(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters, {len(engine.param_groups)} parameter groups")
     schedule = build_lr_schedule(cfg.schedule, lr=cfg.optim.lr, global_batch=global_batch,
                                  batch_base=cfg.optim.lr_batch_base, total_steps=total_steps,
-                                 epochs=sum(p.epochs for p in plans))
+                                 epochs=sum(p.epochs for p in plans), weight_decay=cfg.optim.weight_decay)
 
     # -------------------------------------------------------------------- resume
     trainer = Trainer(cfg, task, engine, info, log)

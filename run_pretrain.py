@@ -1,4 +1,4 @@
-"""Self-supervised pretraining of SwinV2 (`method.name`: simmim) on WebDataset shards with DeepSpeed (ZeRO, bf16).
+"""Self-supervised pretraining of SwinV2 (`method.name`: simmim, moby, esvit, sit) on WebDataset shards with DeepSpeed (ZeRO, bf16).
 
 Demo (no --config: a small SwinV2 on generated demo shards, a few minutes on 2 CPU cores):
     deepspeed --num_gpus 2 run_pretrain.py
@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from scale.config import DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_config
+from scale.config import DEMO_CONFIG, ConfigError, check_data_path, check_method, check_model_name, load_config
 from scale.dist import init_distributed, seed_everything
 from scale.checkpoint import CheckpointManager, check_elastic, check_resumable
 from scale.ds_config import fill_ds_config, load_ds_config, precision_of, with_universal_load
@@ -30,7 +30,7 @@ from scale.tasks import build_task
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = trainer_arg_parser("Self-supervised pretraining of SwinV2 with DeepSpeed (method.name: simmim)", DEMO_CONFIG)
+    p = trainer_arg_parser("Self-supervised pretraining of SwinV2 with DeepSpeed (method.name: simmim | moby | esvit | sit)", DEMO_CONFIG)
     return p.parse_intermixed_args(argv)
 
 
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_model_name(cfg, cuda)
+        check_method(cfg, world_size)
         check_data_path(cfg)
         check_can_start(cfg)
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or round(cfg.train.epochs * steps_per_epoch)
     schedule = build_lr_schedule(cfg.schedule, lr=cfg.optim.lr, global_batch=global_batch,
-                                 batch_base=cfg.optim.lr_batch_base, total_steps=total_steps, epochs=cfg.train.epochs)
+                                 batch_base=cfg.optim.lr_batch_base, total_steps=total_steps, epochs=cfg.train.epochs,
+                                 weight_decay=cfg.optim.weight_decay)
 
     # -------------------------------------------------------------------- model, optimizer, engine
     with partitioned(ds):  # ZeRO-3: every rank holds only its shard from the start

@@ -27,6 +27,12 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
 - `normalize_images(images, mean, std, dtype=torch.float32) -> Tensor`
     uint8 (..., 3, H, W) -> `(images - mean*255) / (std*255)` in `dtype`, on the images' device
     (the trainer runs it after the host-to-device copy); equal to ToTensor + Normalize.
+- `TwoViewTransform(size, scale)`, `MultiCropTransform(global_size, local_size, local_crops, global_scale,
+  local_scale)`, `CorruptedViewsTransform(size, scale, drop_perc, drop_max_block, drop_align, replace_prob,
+  replace_perc)` (`data.views`)
+    The self-supervised methods' views: PIL image -> {"view0", "view1"} (BYOL's asymmetric pair),
+    {"global0", "global1", "local0", ...} (DINO multi-crop), or the pair plus per-view corruption masks
+    "corrupt0"/"corrupt1" ((H, W) uint8) and "replace" (SiT's GMML); uint8 images, fixed count and sizes.
 - `build_finetune_transform(img_size, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, ...)`,
   `build_eval_transform(img_size, crop_pct=0.875, ...)`
     timm `create_transform` for training (RandAugment, random erasing) and eval (resize + center crop).
@@ -66,7 +72,8 @@ import importlib
 _EXPORTS = {"demo_shards": "demo", "read_index": "index", "check_num_classes": "index", "ShardLoader": "loader",
             "REASONS": "shards", "MaskGenerator": "transforms", "SimMIMTransform": "transforms",
             "build_eval_transform": "transforms", "build_finetune_transform": "transforms",
-            "build_mixup": "transforms", "normalize_images": "transforms"}
+            "build_mixup": "transforms", "normalize_images": "transforms", "TwoViewTransform": "views",
+            "MultiCropTransform": "views", "CorruptedViewsTransform": "views"}
 __all__ = list(_EXPORTS)
 
 

@@ -87,6 +87,13 @@ class ModelConfig:
             args["attn_backend"] = self.attn_backend
         return args
 
+    def backbone_args(self) -> dict[str, Any]:
+        """Keyword arguments for `models.build_backbone`: `build_args`, or for a timm ViT the keys it takes."""
+        if self.name.startswith(("vit_", "deit_")):  # models.backbones.TIMM_PREFIXES
+            args: dict[str, Any] = {"img_size": self.img_size, "drop_path_rate": self.drop_path_rate}
+            return args if self.embed_dim is None else {**args, "embed_dim": self.embed_dim}
+        return self.build_args()
+
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
@@ -150,8 +157,12 @@ class ScheduleConfig:
     min_lr: float = 5e-6  # per 512 images; cosine floor
     milestones: list[float] = field(default_factory=list)  # step: epochs at which LR *= gamma
     gamma: float = 0.1
+    weight_decay_end: float | None = None  # decaying groups' weight decay goes from optim.weight_decay to this
+    # on a cosine over the run (DINO/EsViT: 0.04 -> 0.4); null = constant
 
     def __post_init__(self) -> None:
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            raise ConfigError(f"schedule.weight_decay_end must be >= 0 (or null), got {self.weight_decay_end}")
         if self.name not in ("cosine", "step"):
             raise ConfigError(f"schedule.name must be cosine or step, got {self.name!r}")
         if self.warmup_epochs < 0 or self.warmup_lr < 0 or self.min_lr < 0:
@@ -219,7 +230,7 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 # Pretraining: the method and its section.
 
-PRETRAIN_METHODS = ("simmim",)
+PRETRAIN_METHODS = ("simmim", "moby", "esvit", "sit")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -250,6 +261,96 @@ class SimMIMConfig:
                               f"got {self.norm_target_patch_size}")
 
 
+def _check_range(section: str, values: dict[str, tuple[float, float, float]]) -> None:
+    """Raise a one-line ConfigError for the first `key: (value, low, high)` outside [low, high]."""
+    for key, (value, low, high) in values.items():
+        if not low <= value <= high:
+            raise ConfigError(f"{section}.{key} must be in [{low}, {high}], got {value}")
+
+
+def _check_crop_scale(key: str, scale: list[float]) -> None:
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"{key} must be [low, high] with 0 < low <= high <= 1, got {scale}")
+
+
+@dataclass(kw_only=True, slots=True)
+class MoBYConfig:
+    """MoBY (Xie et al., arXiv:2105.04553): MoCo v2 + BYOL, two queues, an EMA target encoder."""
+    proj_dim: int = 256  # output of projector and predictor
+    hidden_dim: int = 4096  # hidden width of projector and predictor
+    queue_size: int = 4096  # keys per queue (one queue per view); a multiple of the global batch
+    temperature: float = 0.2
+    momentum: float = 0.99  # target momentum at step 0, rising to 1 on a cosine over the run
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+
+    def __post_init__(self) -> None:
+        if min(self.proj_dim, self.hidden_dim, self.queue_size) < 1:
+            raise ConfigError("moby.proj_dim, moby.hidden_dim and moby.queue_size must be >= 1")
+        _check_range("moby", {"temperature": (self.temperature, 1e-3, 10.0), "momentum": (self.momentum, 0.0, 1.0)})
+        _check_crop_scale("moby.crop_scale", self.crop_scale)
+
+
+@dataclass(kw_only=True, slots=True)
+class EsViTConfig:
+    """EsViT (Li et al., arXiv:2106.09785): DINO view loss plus region matching, multi-crop, EMA teacher."""
+    out_dim: int = 65536  # prototypes of the view head
+    dense_out_dim: int = 65536  # prototypes of the region head
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = False
+    region_loss: bool = True  # false: the view loss only (plain DINO)
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04  # teacher temperature rises linearly from this ...
+    warmup_teacher_temp_epochs: float = 30.0  # ... over this many epochs (of train.epochs)
+    center_momentum: float = 0.9
+    momentum: float = 0.996  # teacher momentum at step 0, rising to 1 on a cosine
+    freeze_last_layer_epochs: float = 1.0  # the prototype layers train at LR 0 this long
+
+    def __post_init__(self) -> None:
+        if min(self.out_dim, self.dense_out_dim, self.hidden_dim, self.bottleneck_dim) < 1 or self.local_crops < 0:
+            raise ConfigError("esvit.out_dim, dense_out_dim, hidden_dim and bottleneck_dim must be >= 1, "
+                              "esvit.local_crops >= 0")
+        _check_range("esvit", {"student_temp": (self.student_temp, 1e-3, 10.0),
+                               "teacher_temp": (self.teacher_temp, 1e-3, 10.0),
+                               "warmup_teacher_temp": (self.warmup_teacher_temp, 1e-3, 10.0),
+                               "center_momentum": (self.center_momentum, 0.0, 1.0),
+                               "momentum": (self.momentum, 0.0, 1.0)})
+        if self.warmup_teacher_temp_epochs < 0 or self.freeze_last_layer_epochs < 0:
+            raise ConfigError("esvit.warmup_teacher_temp_epochs and esvit.freeze_last_layer_epochs must be >= 0")
+        _check_crop_scale("esvit.global_crops_scale", self.global_crops_scale)
+        _check_crop_scale("esvit.local_crops_scale", self.local_crops_scale)
+
+
+@dataclass(kw_only=True, slots=True)
+class SiTConfig:
+    """SiT v3 (Atito et al., arXiv:2104.03602v3): GMML corruption, reconstruction + contrastive, EMA teacher."""
+    hidden_dim: int = 4096  # CLS head hidden width
+    proj_dim: int = 256
+    temperature: float = 0.2
+    recon_weight: float = 1.0  # lambda of the reconstruction loss (the README: raise it, e.g. 5, on small data)
+    momentum: float = 0.996
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    drop_perc: float = 0.5  # share of pixels the block corruption covers at least
+    drop_max_block: float = 0.3  # largest block side, as a share of the image side
+    drop_align: int = 32  # block edges on this pixel grid (the SwinV2 token stride)
+    replace_prob: float = 0.5  # share of images corrupted by pasting from another image instead
+    replace_perc: float = 0.3  # share of pixels pasted then
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_dim, self.proj_dim, self.drop_align) < 1:
+            raise ConfigError("sit.hidden_dim, sit.proj_dim and sit.drop_align must be >= 1")
+        _check_range("sit", {"temperature": (self.temperature, 1e-3, 10.0),
+                             "recon_weight": (self.recon_weight, 0.0, 1e3), "momentum": (self.momentum, 0.0, 1.0),
+                             "drop_perc": (self.drop_perc, 0.0, 0.95), "drop_max_block": (self.drop_max_block, 0.01, 1.0),
+                             "replace_prob": (self.replace_prob, 0.0, 1.0), "replace_perc": (self.replace_perc, 0.0, 0.95)})
+        _check_crop_scale("sit.crop_scale", self.crop_scale)
+
+
 @dataclass(kw_only=True, slots=True)
 class PretrainConfig(RunConfig):
     """A pretraining run (`run_pretrain.py`)."""
@@ -257,6 +358,9 @@ class PretrainConfig(RunConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
+    moby: MoBYConfig = field(default_factory=MoBYConfig)
+    esvit: EsViTConfig = field(default_factory=EsViTConfig)
+    sit: SiTConfig = field(default_factory=SiTConfig)
 
     # keys of the SimMIM settings before they had a section of their own; old YAMLs and overrides keep working
     MOVED_KEYS: ClassVar[dict[str, str]] = {"data.mask_patch_size": "simmim.mask_patch_size",
@@ -266,10 +370,11 @@ class PretrainConfig(RunConfig):
     def __post_init__(self) -> None:
         RunConfig.__post_init__(self)
         m, sm = self.model, self.simmim
-        if sm.mask_patch_size % m.patch_size or m.img_size % sm.mask_patch_size:
+        simmim = self.method.name == "simmim"  # the mask shapes matter only to SimMIM
+        if simmim and (sm.mask_patch_size % m.patch_size or m.img_size % sm.mask_patch_size):
             raise ConfigError(f"simmim.mask_patch_size={sm.mask_patch_size} (data.mask_patch_size) must be a "
                               f"multiple of model.patch_size={m.patch_size} and divide model.img_size={m.img_size}")
-        if sm.norm_target_patch_size is not None and sm.norm_target_patch_size > m.img_size:
+        if simmim and sm.norm_target_patch_size is not None and sm.norm_target_patch_size > m.img_size:
             raise ConfigError(f"simmim.norm_target_patch_size={sm.norm_target_patch_size} exceeds "
                               f"model.img_size={m.img_size}")
         if self.schedule.warmup_epochs > self.train.epochs:
@@ -536,12 +641,20 @@ def check_model_name(cfg: RunConfig, cuda: bool = True) -> None:
                           "use model.attn_backend=auto on the CPU")
     import models  # local: config parsing itself must not need torch-heavy imports
 
+    from models.backbones import build_backbone, is_timm_backbone
+
     names = list(models.list_models())
-    if cfg.model.name not in names:
-        raise ConfigError(f"model.name={cfg.model.name!r} is not registered; choose one of {', '.join(names)}")
+    method = getattr(getattr(cfg, "method", None), "name", None)
+    timm_vit = is_timm_backbone(cfg.model.name)
+    if timm_vit and method not in ("moby", "sit"):
+        raise ConfigError(f"model.name={cfg.model.name} (a timm ViT) trains only with method.name=moby or sit; "
+                          f"use one of {', '.join(names)} here")
+    if cfg.model.name not in names and not timm_vit:
+        vit = " or, for method.name=moby/sit, a timm ViT/DeiT such as vit_small_patch16_224" if method else ""
+        raise ConfigError(f"model.name={cfg.model.name!r} is not registered; choose one of {', '.join(names)}{vit}")
     try:
-        models.build_model(cfg.model.name, num_classes=0, device="meta", **cfg.model.build_args())
-    except (ValueError, TypeError) as e:
+        build_backbone(cfg.model.name, device="meta", **cfg.model.backbone_args())
+    except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
 
 
@@ -566,3 +679,26 @@ def check_data_path(cfg: RunConfig) -> None:
     if not shards or (local and not any(os.path.isfile(s) and tarfile.is_tarfile(s) for s in local)):
         # one readable shard is enough here: the loader skips and counts damaged ones later
         raise ConfigError(f"data.path={path} holds no readable tar shard; {fix}")
+
+
+def check_method(cfg: PretrainConfig, world_size: int) -> None:
+    """The pretraining method's rules that depend on the backbone or the number of ranks, before DeepSpeed starts."""
+    from models.backbones import is_timm_backbone
+
+    method, m = cfg.method.name, cfg.model
+    if method == "moby":
+        batch = cfg.train.micro_batch_size * world_size
+        if cfg.moby.queue_size % batch:
+            raise ConfigError(f"moby.queue_size={cfg.moby.queue_size} is not a multiple of the batch of one forward "
+                              f"over all {world_size} rank(s) ({batch}): the queues take every rank's keys at once; "
+                              f"choose e.g. moby.queue_size={batch * max(1, cfg.moby.queue_size // batch)}")
+    if method == "esvit":
+        if is_timm_backbone(m.name):
+            raise ConfigError(f"method.name=esvit needs a SwinV2 backbone (multi-crop sizes and region tokens), "
+                              f"not {m.name}")
+        stride = m.patch_size * 2 ** ((len(m.depths) if m.depths else 4) - 1)
+        if cfg.esvit.local_crops and cfg.esvit.local_crops_size % stride:
+            raise ConfigError(f"esvit.local_crops_size={cfg.esvit.local_crops_size} must be a multiple of the "
+                              f"backbone's stride {stride} (e.g. {max(stride, cfg.esvit.local_crops_size // stride * stride)})")
+    if method == "sit" and not is_timm_backbone(m.name) and cfg.sit.drop_align % m.patch_size:
+        raise ConfigError(f"sit.drop_align={cfg.sit.drop_align} must be a multiple of model.patch_size={m.patch_size}")

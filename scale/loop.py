@@ -113,19 +113,24 @@ class Trainer:
 
         engine, task = self.engine, self.task
         self.loader, self.schedule = loader, schedule
+        task.total_steps = schedule.total_steps
         batches = loader.forever()
         batch = None
         while self.step < until:
             lr = schedule.apply(engine.param_groups, self.step)  # per group: keeps each group's lr_scale
-            losses = []
+            task.before_step(engine, self.step)
+            losses, extras = [], {}
             while len(losses) < engine.grad_accum_steps:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 metrics.data_wait(time.perf_counter() - t0)
-                loss = engine.micro_step(task.inputs(batch, engine)).loss  # None: non-finite somewhere, skipped
+                result = engine.micro_step(task.inputs(batch, engine))
+                loss = result.loss  # None: non-finite somewhere, skipped
                 self.guard.update(loss is not None, step=self.step + 1, last_checkpoint=self.ckpt.last_saved)
                 if loss is not None:
                     losses.append(loss)
+                    for key, value in result.extras.items():
+                        extras[key] = extras.get(key, 0.0) + value / engine.grad_accum_steps
             self.step += 1
             task.after_optimizer_step(engine, self.step)
             metrics.nonfinite_skips, metrics.overflow_skips = self.guard.total, engine.overflow_skips
@@ -136,7 +141,7 @@ class Trainer:
             dist.all_reduce(status)
             corrupt, *stop_votes = status.tolist()
             metrics.step_done(self.step, loss=sum(losses) / len(losses), lr=lr, grad_norm=engine.grad_norm(),
-                              corrupt=int(corrupt))
+                              corrupt=int(corrupt), extras={**extras, **task.scalars()})
             stopping = self.step < until and stop_votes[0] > 0
             if self.step < until and (stopping or self.ckpt.due(self.step, final=False)):
                 saved = self.save()  # the step `until` is the caller's to save, after what it does there (eval)

@@ -27,9 +27,11 @@ class LRSchedule:
     """
 
     def __init__(self, cfg: ScheduleConfig, *, base_lr: float, warmup_lr: float, min_lr: float,
-                 total_steps: int, epochs: float) -> None:
-        """Args: LRs already scaled by the global batch; total_steps >= 1; epochs = train.epochs."""
+                 total_steps: int, epochs: float, weight_decay: float = 0.0) -> None:
+        """Args: LRs already scaled by the global batch; total_steps >= 1; epochs = train.epochs;
+        weight_decay: the decaying groups' value at step 0 (optim.weight_decay)."""
         self.cfg = cfg
+        self.weight_decay = weight_decay
         self.base_lr, self.warmup_lr, self.min_lr = base_lr, warmup_lr, min_lr
         self.total_steps = max(1, total_steps)
         steps_per_epoch = self.total_steps / epochs
@@ -48,23 +50,37 @@ class LRSchedule:
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
+    def weight_decay_at(self, step: int) -> float:
+        """Weight decay of the decaying groups for the update after `step` updates (cosine to weight_decay_end)."""
+        end = self.cfg.weight_decay_end
+        if end is None:
+            return self.weight_decay
+        progress = min(1.0, step / self.total_steps)
+        return end + 0.5 * (self.weight_decay - end) * (1.0 + math.cos(math.pi * progress))
+
     def apply(self, param_groups: Iterable[dict[str, Any]], step: int) -> float:
         """Write the LR for `step` into every group (times its `lr_scale`); return the unscaled LR."""
         lr = self.lr_at(step) * self.lr_factor
+        weight_decay = self.weight_decay_at(step)
         for group in param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else lr * group.get("lr_scale", 1.0)
+            if self.cfg.weight_decay_end is not None and group.get("weight_decay", 0.0) > 0:
+                group["weight_decay"] = weight_decay
         return lr
 
     def state_dict(self) -> dict[str, Any]:
         """What determines the curve; checked on resume so a changed schedule is noticed."""
         return {"base_lr": self.base_lr, "warmup_lr": self.warmup_lr, "min_lr": self.min_lr,
                 "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "milestones": list(self.milestones), "name": self.cfg.name}
+                "milestones": list(self.milestones), "name": self.cfg.name,
+                **({"weight_decay": self.weight_decay, "weight_decay_end": self.cfg.weight_decay_end}
+                   if self.cfg.weight_decay_end is not None else {})}
 
 
 def build_lr_schedule(cfg: ScheduleConfig, *, lr: float, global_batch: int, batch_base: int, total_steps: int,
-                      epochs: float) -> LRSchedule:
+                      epochs: float, weight_decay: float = 0.0) -> LRSchedule:
     """The schedule with every LR scaled by global_batch / batch_base."""
     return LRSchedule(cfg, base_lr=scale_lr(lr, global_batch, batch_base),
                       warmup_lr=scale_lr(cfg.warmup_lr, global_batch, batch_base),
-                      min_lr=scale_lr(cfg.min_lr, global_batch, batch_base), total_steps=total_steps, epochs=epochs)
+                      min_lr=scale_lr(cfg.min_lr, global_batch, batch_base), total_steps=total_steps, epochs=epochs,
+                      weight_decay=weight_decay)

@@ -131,6 +131,7 @@ class MetricsProcessor:
         self._time = 0.0
         self._wait = 0.0
         self._loss = 0.0
+        self._extras: dict[str, float] = {}
 
     def restart_clock(self) -> None:
         """Exclude setup/checkpoint/image time from the next step's duration."""
@@ -141,13 +142,19 @@ class MetricsProcessor:
         self._wait += seconds
 
     def step_done(self, step: int, *, loss: float, lr: float, grad_norm: float | None, corrupt: int,
-                  force: bool = False) -> dict[str, Any] | None:
-        """Record one finished optimizer step; log if due. Returns the logged values, if any."""
+                  extras: dict[str, float] | None = None, force: bool = False) -> dict[str, Any] | None:
+        """Record one finished optimizer step; log if due. Returns the logged values, if any.
+
+        `extras`: the task's own scalars under their TensorBoard tags (e.g. `moby/positive_similarity`),
+        averaged over the logging window like the loss.
+        """
         now = time.perf_counter()
         dt, self._last = now - self._last, now
         self._steps += 1
         self._time += dt
         self._loss += loss
+        for key, value in (extras or {}).items():
+            self._extras[key] = self._extras.get(key, 0.0) + value
         self._ema_step_s = dt if self._ema_step_s is None else 0.9 * self._ema_step_s + 0.1 * dt
         if not (force or step == 1 or step % self.every_steps == 0 or step == self.total_steps):
             return None
@@ -167,6 +174,7 @@ class MetricsProcessor:
             "health/nonfinite_skips": float(self.nonfinite_skips),
             "health/overflow_skips": float(self.overflow_skips),
         }
+        values.update({key: total / self._steps for key, total in self._extras.items()})
         if self.peak_flops:
             values["throughput/mfu_pct"] = 100.0 * self.flops_per_step / step_s / self.world_size / self.peak_flops
         self.logger.scalars(step, values)

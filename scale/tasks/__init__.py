@@ -24,8 +24,23 @@ def _classification() -> type[Task]:
     return ClassificationTask
 
 
+def _moby() -> type[Task]:
+    from scale.tasks.moby import MoBYTask
+    return MoBYTask
+
+
+def _esvit() -> type[Task]:
+    from scale.tasks.esvit import EsViTTask
+    return EsViTTask
+
+
+def _sit() -> type[Task]:
+    from scale.tasks.sit import SiTTask
+    return SiTTask
+
+
 # Imported on use: a task's module pulls in its model and data code.
-TASKS = {"simmim": _simmim, "classification": _classification}
+TASKS = {"simmim": _simmim, "classification": _classification, "moby": _moby, "esvit": _esvit, "sit": _sit}
 
 
 def build_task(name: str, cfg: Any, info: Any, log: Any = print) -> Task:

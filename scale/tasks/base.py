@@ -26,6 +26,7 @@ class Task:
         self.cfg = cfg
         self.info = info
         self.log = log
+        self.total_steps = 1  # optimizer steps of the run, set by the trainer, for the task's own schedules
 
     def build_model(self) -> nn.Module:
         """The module to train; the caller builds it inside `scale.engine.partitioned(ds)`."""
@@ -46,8 +47,15 @@ class Task:
         """A loader batch -> the module's forward arguments, on the device, in the engine's dtype."""
         raise NotImplementedError
 
+    def before_step(self, engine: Any, step: int) -> None:
+        """Runs before the micro-steps of optimizer step `step + 1` (schedules of the task's own, e.g. temperatures)."""
+
     def after_optimizer_step(self, engine: Any, step: int) -> None:
         """Runs after every applied optimizer step (never on accumulation micro-steps)."""
+
+    def scalars(self) -> dict[str, float]:
+        """The task's own values to log with each step (e.g. teacher momentum), by TensorBoard tag."""
+        return {}
 
     def draw(self, engine: Any, step: int, batch: dict[str, Any], logger: Any) -> None:
         """Write pictures of what the model does to `logger`. Collective under ZeRO-3: every rank calls it."""
