@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                               num_workers=cfg.data.num_workers, seed=cfg.seed, resampled=cfg.data.resampled)
     steps_per_epoch = max(1, len(loader) // cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or round(cfg.train.epochs * steps_per_epoch)
+    task.total_steps = total_steps  # before its param groups: a group may be frozen for some steps
     schedule = build_lr_schedule(cfg.schedule, lr=cfg.optim.lr, global_batch=global_batch,
                                  batch_base=cfg.optim.lr_batch_base, total_steps=total_steps, epochs=cfg.train.epochs,
                                  weight_decay=cfg.optim.weight_decay)

@@ -13,7 +13,8 @@ from torch import nn
 from .flops import estimate_flops
 from .swin_transformer_v2 import SwinTransformerV2, build_model, list_models
 
-__all__ = ["TIMM_PREFIXES", "backbone_flops", "backbone_tokens", "build_backbone", "is_timm_backbone"]
+__all__ = ["TIMM_PREFIXES", "backbone_flops", "backbone_stride", "backbone_tokens", "build_backbone",
+           "is_timm_backbone"]
 
 # timm families the seeds report results with (MoBY: DeiT-S, SiT: ViT-S/B)
 TIMM_PREFIXES = ("vit_", "deit_")
@@ -57,6 +58,13 @@ def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     tokens = backbone.forward_features(x)  # timm ViT: (B, prefix + N, C) after the final norm
     pooled = backbone.forward_head(tokens, pre_logits=True)
     return pooled, tokens[:, backbone.num_prefix_tokens:]
+
+
+def backbone_stride(backbone: nn.Module) -> int:
+    """Pixels per side of one final token: SwinV2's patch size times its patch mergings, a ViT's patch size."""
+    if isinstance(backbone, SwinTransformerV2):
+        return backbone.patch_size * 2 ** (len(backbone.depths) - 1)
+    return backbone.patch_embed.patch_size[0]
 
 
 def backbone_flops(backbone: nn.Module, img_size: int) -> int:

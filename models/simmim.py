@@ -16,7 +16,7 @@ from timm.layers import trunc_normal_
 
 from .swin_transformer_v2 import SwinTransformerV2, build_model
 
-__all__ = ["SimMIM", "build_simmim", "local_statistics", "normalize_targets"]
+__all__ = ["SimMIM", "build_simmim", "local_statistics", "normalize_targets", "pixel_decoder"]
 
 
 def local_statistics(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +39,15 @@ def normalize_targets(targets: torch.Tensor, patch_size: int) -> torch.Tensor:
     return (targets - mean) / (var + 1e-6).sqrt()
 
 
+def pixel_decoder(dim: int, stride: int, in_chans: int = 3, device=None, dtype=None) -> nn.Sequential:
+    """SimMIM's one-layer decoder: (B, dim, h, w) tokens -> (B, in_chans, h*stride, w*stride) pixels.
+
+    A 1x1 conv gives each token its stride x stride patch of pixels, PixelShuffle lays the patches out.
+    """
+    return nn.Sequential(nn.Conv2d(dim, stride ** 2 * in_chans, kernel_size=1, device=device, dtype=dtype),
+                         nn.PixelShuffle(stride))
+
+
 class SimMIM(nn.Module):
     """SwinV2 encoder + mask token + linear pixel decoder; `forward(images, mask)` is the loss."""
 
@@ -58,10 +67,8 @@ class SimMIM(nn.Module):
         self.in_chans = encoder.patch_embed.proj.in_channels
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, encoder.embed_dim, device=device, dtype=dtype))
         trunc_normal_(self.mask_token, mean=0.0, std=0.02)
-        self.decoder = nn.Sequential(
-            nn.Conv2d(encoder.num_features, self.encoder_stride ** 2 * self.in_chans, kernel_size=1,
-                      device=device, dtype=dtype),
-            nn.PixelShuffle(self.encoder_stride))
+        self.decoder = pixel_decoder(encoder.num_features, self.encoder_stride, self.in_chans, device=device,
+                                     dtype=dtype)
 
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images and (B, H/p, W/p) mask (1 = masked) -> (B, 3, H, W) predicted pixels."""

@@ -8,10 +8,29 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 from timm.layers import trunc_normal_
 
 __all__ = ["GlobalBatchNorm1d", "ProjectionMLP", "DINOHead"]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient: every rank's loss depends on the sum.
+
+    Ours because torch.distributed.nn's differentiable all_reduce is deprecated and the functional
+    collectives that replace it document no backward for all_reduce.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -27,7 +46,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         x32 = x.float()
         count = torch.full((1, x.shape[1]), float(x.shape[0]), device=x.device)
-        stats = all_reduce(torch.cat([x32.sum(0, keepdim=True), (x32 * x32).sum(0, keepdim=True), count]))
+        stats = _SumOverRanks.apply(torch.cat([x32.sum(0, keepdim=True), (x32 * x32).sum(0, keepdim=True), count]))
         n = stats[2]
         mean = stats[0] / n
         var = (stats[1] / n - mean * mean).clamp(min=0)

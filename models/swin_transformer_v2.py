@@ -17,10 +17,12 @@ large-scale training needs, whose kernels live in models/attention.py:
 The internal layout is (B, H, W, C) like timm's; state dict keys follow timm's layout
 (downsample at the start of stages 1..3) with the classifier as a plain `head` Linear.
 """
+import contextlib
+import functools
 import inspect
 import math
 import re
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -149,18 +151,23 @@ class WindowAttention(nn.Module):
         self.q_bias = nn.Parameter(torch.zeros(dim, **dd))
         self.v_bias = nn.Parameter(torch.zeros(dim, **dd))
         self.proj = nn.Linear(dim, dim, **dd)
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (window, pretrained, device) -> tables
         self.set_window(window, pretrained_window)
 
     def set_window(self, window: tuple[int, int], pretrained_window: tuple[int, int]) -> None:
-        """Rebuild the coordinate table and index for a new window; the CPB MLP is kept."""
+        """Use the coordinate table and index of a new window (built once per device, then cached); keep the CPB MLP."""
         self.window = window
         self.pretrained_window = pretrained_window
-        # built on the CPU even inside `with torch.device("meta")`, then moved to the parameters' device
-        with torch.device("cpu"):
-            coords, index = log_cpb_coords(window, pretrained_window), relative_position_index(window)
         device = self.q_bias.device
-        self.register_buffer("relative_coords_table", coords.to(device), persistent=False)
-        self.register_buffer("relative_position_index", index.to(device), persistent=False)
+        key = (window, pretrained_window, device)
+        if key not in self.tables:
+            # built on the CPU even inside `with torch.device("meta")`, then moved to the parameters' device
+            with torch.device("cpu"):
+                coords, index = log_cpb_coords(window, pretrained_window), relative_position_index(window)
+            self.tables[key] = coords.to(device), index.to(device)
+        coords, index = self.tables[key]
+        self.register_buffer("relative_coords_table", coords, persistent=False)
+        self.register_buffer("relative_position_index", index, persistent=False)
 
     def position_bias(self) -> torch.Tensor:
         """(heads, N, N) log-CPB bias, 16 * sigmoid(MLP(coords)) gathered per token pair."""
@@ -266,35 +273,61 @@ class SwinTransformerV2Block(nn.Module):
         self.norm2 = ResPostNorm(dim, **dd)
         self.drop_path2 = DropPath(drop_path, device) if drop_path > 0 else nn.Identity()
         self.main_norm = nn.LayerNorm(dim, **dd) if main_norm else nn.Identity()
+        self.masks: dict[tuple, tuple] = {}  # (resolution, window, shift, device) -> what `_build_masks` returns
         self.set_input_size(resolution, window, pretrained_window)
 
     def set_input_size(self, resolution: tuple[int, int], window: int, pretrained_window: int) -> None:
-        """Recompute window, shift, padding, mask groups and the attention's coordinate tables."""
-        self.resolution = resolution
+        """Set window, shift, padding, mask groups and the attention's coordinate tables for `resolution`.
+
+        Masks and tables are built once per size and device, then cached: a model fed several sizes
+        in turn (EsViT's global and local crops through one student) switches without rebuilding them
+        (~10 ms for SwinV2-T) or copying them to the device (which would also wait for the device).
+        """
+        self.size = (tuple(resolution), window, pretrained_window)  # the arguments, for `resized`
+        self.resolution = tuple(resolution)
         self.window, shift = stage_window(resolution, window)
         self.shift = shift if self.shifted else (0, 0)
         self.padded = tuple(math.ceil(r / w) * w for r, w in zip(resolution, self.window))
         self.attn.set_window(self.window, to_pair(pretrained_window))
+        device = self.norm1.weight.device
+        key = (self.resolution, self.window, self.shift, device)
+        if key not in self.masks:
+            self.masks[key] = self._build_masks(device)
+        self.mask_groups, self.sorted_windows, buffers = self.masks[key]
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    @contextlib.contextmanager
+    def resized(self, size: tuple) -> Iterator[None]:
+        """The block at `size` (`set_input_size`'s arguments) inside the `with`, back at its own size after it."""
+        own = self.size
+        if size == own:
+            yield
+            return
+        self.set_input_size(*size)
+        try:
+            yield
+        finally:
+            self.set_input_size(*own)
+
+    def _build_masks(self, device: torch.device) -> tuple[list, bool, dict[str, Optional[torch.Tensor]]]:
+        """(mask groups, whether windows are reordered, buffers) of the current resolution, window and shift."""
         # the groups are read back into Python (counts, equality, branches): computed on the CPU even
         # inside `with torch.device("meta")`, then moved to the parameters' device
         with torch.device("cpu"):
-            order, patterns, self.mask_groups = window_mask_groups(resolution, self.padded, self.window, self.shift)
-            self.sorted_windows = not torch.equal(order, torch.arange(len(order)))
+            order, patterns, mask_groups = window_mask_groups(self.resolution, self.padded, self.window, self.shift)
+            sorted_windows = not torch.equal(order, torch.arange(len(order)))
             pattern_of_window = torch.full((len(order),), -1, dtype=torch.long)
-            for start, end, pattern in self.mask_groups:
+            for start, end, pattern in mask_groups:
                 pattern_of_window[order[start:end]] = pattern
             window_masks = None
-            if len(self.mask_groups) > 1 and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
+            if len(mask_groups) > 1 and len(order) * patterns.shape[-1] ** 2 <= DENSE_MASK_ELEMENTS:
                 # integer indexing, no float constructor: under bf16 zero.Init those would come out bf16
                 window_masks = torch.where((pattern_of_window >= 0)[:, None, None],
                                            patterns[pattern_of_window.clamp(min=0)], 0.0)
-        device = self.norm1.weight.device
-        self.register_buffer("window_order", order.to(device), persistent=False)
-        self.register_buffer("window_restore", torch.argsort(order).to(device), persistent=False)
-        self.register_buffer("mask_patterns", patterns.to(device), persistent=False)
-        self.register_buffer("window_pattern", pattern_of_window.to(device), persistent=False)
-        self.register_buffer("window_masks", None if window_masks is None else window_masks.to(device),
-                             persistent=False)
+        buffers = {"window_order": order, "window_restore": torch.argsort(order), "mask_patterns": patterns,
+                   "window_pattern": pattern_of_window, "window_masks": window_masks}
+        return mask_groups, sorted_windows, {k: None if v is None else v.to(device) for k, v in buffers.items()}
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -396,11 +429,19 @@ class SwinTransformerV2Stage(nn.Module):
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not (self.grad_checkpointing and torch.is_grad_enabled()):
             return block(x)
+        # backward recomputes the block at the size of this forward: a model fed several sizes in one step
+        # (EsViT's global and local crops) has been set to another size by then
+        context_fn = functools.partial(_recompute_at, block, block.size)
         if self.offload_checkpoints:
             # the only tensor kept per block is its input: park it in host memory until backward
             with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-                return checkpoint(block, x, use_reentrant=False)
-        return checkpoint(block, x, use_reentrant=False)
+                return checkpoint(block, x, use_reentrant=False, context_fn=context_fn)
+        return checkpoint(block, x, use_reentrant=False, context_fn=context_fn)
+
+
+def _recompute_at(block: SwinTransformerV2Block, size: tuple) -> tuple[contextlib.AbstractContextManager, ...]:
+    """`checkpoint`'s context_fn: nothing around the forward, the forward's size around the recomputation."""
+    return contextlib.nullcontext(), block.resized(size)
 
 
 class SwinTransformerV2(nn.Module):

@@ -312,9 +312,10 @@ class EsViTConfig:
     freeze_last_layer_epochs: float = 1.0  # the prototype layers train at LR 0 this long
 
     def __post_init__(self) -> None:
-        if min(self.out_dim, self.dense_out_dim, self.hidden_dim, self.bottleneck_dim) < 1 or self.local_crops < 0:
-            raise ConfigError("esvit.out_dim, dense_out_dim, hidden_dim and bottleneck_dim must be >= 1, "
-                              "esvit.local_crops >= 0")
+        if min(self.out_dim, self.dense_out_dim, self.hidden_dim, self.bottleneck_dim, self.local_crops_size) < 1 \
+                or self.local_crops < 0:
+            raise ConfigError("esvit.out_dim, dense_out_dim, hidden_dim, bottleneck_dim and local_crops_size must be "
+                              ">= 1, esvit.local_crops >= 0")
         _check_range("esvit", {"student_temp": (self.student_temp, 1e-3, 10.0),
                                "teacher_temp": (self.teacher_temp, 1e-3, 10.0),
                                "warmup_teacher_temp": (self.warmup_teacher_temp, 1e-3, 10.0),
@@ -333,6 +334,7 @@ class SiTConfig:
     proj_dim: int = 256
     temperature: float = 0.2
     recon_weight: float = 1.0  # lambda of the reconstruction loss (the README: raise it, e.g. 5, on small data)
+    decoder_depth: int = 3  # Linear+GELU layers on the tokens before the pixel decoder (SiT's RECHead: 3)
     momentum: float = 0.996
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     drop_perc: float = 0.5  # share of pixels the block corruption covers at least
@@ -344,6 +346,8 @@ class SiTConfig:
     def __post_init__(self) -> None:
         if min(self.hidden_dim, self.proj_dim, self.drop_align) < 1:
             raise ConfigError("sit.hidden_dim, sit.proj_dim and sit.drop_align must be >= 1")
+        if self.decoder_depth < 0:
+            raise ConfigError(f"sit.decoder_depth must be >= 0 (0 = SimMIM's linear decoder), got {self.decoder_depth}")
         _check_range("sit", {"temperature": (self.temperature, 1e-3, 10.0),
                              "recon_weight": (self.recon_weight, 0.0, 1e3), "momentum": (self.momentum, 0.0, 1.0),
                              "drop_perc": (self.drop_perc, 0.0, 0.95), "drop_max_block": (self.drop_max_block, 0.01, 1.0),

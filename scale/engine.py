@@ -137,19 +137,21 @@ class Engine:
         return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
     @contextlib.contextmanager
-    def evaluating(self) -> Iterator[nn.Module]:
+    def evaluating(self, *owners: nn.Module) -> Iterator[nn.Module]:
         """The module in eval mode without autograd, its own top-level parameters gathered. Collective.
 
         Eval mode, so drop path draws no random numbers: evaluating or drawing images must not
         change the training RNG stream (resume would otherwise differ from an uninterrupted run).
         A call that is not `forward()` (e.g. SimMIM's `reconstruct`) does not trigger ZeRO-3's
         hooks for the top module's own parameters (mask_token), so those are gathered here;
-        submodules still fetch themselves.
+        submodules still fetch themselves. `owners` are submodules whose own parameters such a call
+        also reads outside their forward (a timm ViT's class token and position embedding, which
+        `forward_features` uses): gathered too.
         """
         import deepspeed
 
         module = self.module
-        own = list(module.parameters(recurse=False))
+        own = [p for m in (module, *owners) for p in m.parameters(recurse=False)]
         gather = deepspeed.zero.GatheredParameters(own) if self.zero3 and own else contextlib.nullcontext()
         was_training = module.training
         module.eval()

@@ -7,6 +7,7 @@ One launch runs `worker()` on both ranks and checks, in order:
    the gathered fp32 master weights, and `applied()` evaluates with those weights and restores the model's;
 3. a 1536²/w32 stage of a tiny SwinV2, micro-batch 1, runs forward and backward through the engine.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ TINY = ["model.embed_dim=16", "model.depths=[1,1,2,1]", "model.num_heads=[1,2,2,
 def _config(out_dir: str, stages: str):
     from scale.config import load_finetune_config
 
-    path = Path(out_dir) / "stages.yaml"
+    # one file per rank: both ranks write it, and a rank reading while the other truncates sees no stages
+    path = Path(out_dir) / f"stages-rank{os.environ.get('RANK', '0')}.yaml"
     path.write_text(f"stages: {stages}\n")
     return load_finetune_config(path, TINY + [f"output_dir={out_dir}"])
 

@@ -74,13 +74,15 @@ def denormalize_prediction(prediction: torch.Tensor, images: torch.Tensor, patch
 
 
 def reconstruction_grid(images: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor, mean: list[float],
-                        std: list[float]) -> torch.Tensor:
+                        std: list[float], seen: torch.Tensor | None = None) -> torch.Tensor:
     """(3, rows*H, 3*W) grid: per row input | masked input | reconstruction, de-normalised to [0, 1].
 
     Args:
         images: (B, 3, H, W) normalised inputs.
         mask: (B, h, w) with 1 = masked patch (any patch size dividing H).
         recon: (B, 3, H, W) predicted pixels in the same normalised space.
+        seen: (B, 3, H, W) normalised input the model saw, for the middle column (SiT's corrupted views);
+            None: the input, grey where masked (SimMIM replaces those patches by a learned token).
     """
     images, recon = images.detach().float().cpu(), recon.detach().float().cpu()
     m = torch.tensor(mean).view(1, 3, 1, 1)
@@ -88,7 +90,10 @@ def reconstruction_grid(images: torch.Tensor, mask: torch.Tensor, recon: torch.T
     scale = images.shape[-1] // mask.shape[-1]
     pixel_mask = mask.detach().float().cpu().repeat_interleave(scale, 1).repeat_interleave(scale, 2).unsqueeze(1)
     shown = images * s + m
-    masked = shown * (1 - pixel_mask) + 0.5 * pixel_mask  # grey where the model had to guess
+    if seen is None:
+        masked = shown * (1 - pixel_mask) + 0.5 * pixel_mask  # grey where the model had to guess
+    else:
+        masked = seen.detach().float().cpu() * s + m
     # show the model's guess only in masked patches, the visible pixels as they were
     recon = (recon * s + m) * pixel_mask + shown * (1 - pixel_mask)
     rows = [torch.cat([a, b, c], dim=-1) for a, b, c in zip(shown, masked, recon)]  # each (3, H, 3W)
