@@ -47,7 +47,36 @@ def build_backbone(name: str, **overrides: Any) -> nn.Module:
     if unused:
         raise ValueError(f"timm backbone {name} does not take {', '.join(unused)}: leave them out of model:")
     # pretrained=False: nothing is downloaded, the methods train from scratch
-    return timm.create_model(name, pretrained=False, **overrides)
+    vit = timm.create_model(name, pretrained=False, weight_init="skip", **overrides)
+    _init_timm_vit(vit)
+    return vit
+
+
+def _init_timm_vit(vit: nn.Module) -> None:
+    """timm's ViT init (mode ''), in timm's order, walked with Module.apply.
+
+    timm walks the layers with its own `named_apply`, which deepspeed.zero.Init does not see: under
+    ZeRO-3 every layer, partitioned as it was built, would keep torch's default init instead. zero.Init
+    gathers each module's weights around `Module.apply`, so the same init goes through that; without
+    ZeRO-3 the weights are exactly what `timm.create_model` gives for the same seed.
+    """
+    from timm.layers import trunc_normal_
+    from timm.models.vision_transformer import init_weights_vit_timm
+
+    def tokens(module: nn.Module) -> None:
+        if module is vit:
+            if vit.pos_embed is not None:
+                trunc_normal_(vit.pos_embed, std=0.02)
+            for token in (vit.cls_token, vit.reg_token):
+                if token is not None:
+                    nn.init.normal_(token, std=1e-6)
+
+    def layers(module: nn.Module) -> None:
+        if module is not vit:  # the root's own init_weights would walk everything again
+            init_weights_vit_timm(module, needs_reset=False)  # as timm: layers keep their own reset
+
+    vit.apply(tokens)
+    vit.apply(layers)
 
 
 def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """SiT v3: GMML corruption, the loss on one process, and demo_sit on 2 real CPU ranks under ZeRO-3.
 
-Two launches (module fixtures): demo_sit with 8 images per rank for 24 steps, and 2 steps of it on a
-timm ViT. SiT's losses are noisy from step to step (fresh crops, colour distortion and corruption
+Three launches (module fixtures): demo_sit with 8 images per rank for 24 steps, and 2 steps of it on a
+timm ViT under ZeRO-3 and ZeRO-2. SiT's losses are noisy from step to step (fresh crops, colour distortion and corruption
 masks every batch) and fall slowly, so the first run is longer than the other methods' and compares
 the means of its first and last quarters.
 """
@@ -23,9 +23,9 @@ TINY_SWIN = {"img_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads
              "drop_path_rate": 0.0}
 
 
-def _launch(out, *extra: str) -> str:
+def _launch(out, *extra: str, stage: int = 3) -> str:
     return run_deepspeed("run_pretrain.py", "--config", "configs/pretrain/demo_sit.yaml", "--ds_config",
-                         "ds_configs/zero3.json", "data.num_workers=0", "log.every_steps=1", "checkpoint.every_steps=0",
+                         f"ds_configs/zero{stage}.json", "data.num_workers=0", "log.every_steps=1", "checkpoint.every_steps=0",
                          "seed=3", f"output_dir={out}", "resume=none", *extra, timeout=600).stdout
 
 
@@ -38,9 +38,11 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sit_vit") / "z3"
-    return out, _launch(out, "model.name=deit_tiny_patch16_224", "model.embed_dim=null", "model.img_size=32",
-                        "sit.drop_align=1", "train.micro_batch_size=2", "train.max_steps=2")
+    root = tmp_path_factory.mktemp("sit_vit")
+    args = ["model.name=deit_tiny_patch16_224", "model.embed_dim=null", "model.img_size=32", "sit.drop_align=1",
+            "train.micro_batch_size=2", "train.max_steps=2"]
+    stdout = {stage: _launch(root / f"z{stage}", *args, stage=stage) for stage in (3, 2)}
+    return root, stdout
 
 
 def _batch(transform: CorruptedViewsTransform, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -180,9 +182,19 @@ def test_tensorboard_shows_clean_corrupted_and_reconstructed_views(run):
 @pytest.mark.distributed
 def test_vit_trains_and_draws_on_two_ranks_under_zero3(vit_run):
     """A ViT reads its class token and position embedding outside any module's forward: ZeRO-3 must gather them."""
-    out, stdout = vit_run
-    assert "model deit_tiny_patch16_224" in stdout and "step 2/2" in stdout
-    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    root, stdout = vit_run
+    assert "model deit_tiny_patch16_224" in stdout[3] and "step 2/2" in stdout[3] and "ZeRO stage 3" in stdout[3]
+    acc = EventAccumulator(str(root / "z3" / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     image = acc.Images("sit/clean_corrupted_reconstruction")[-1]
     assert image.step == 2 and image.width == 3 * 32 and image.height == 2 * 32  # the 2 images of a micro-batch
+
+
+@pytest.mark.distributed
+def test_zero_stages_2_and_3_give_the_same_losses(vit_run):
+    root, stdout = vit_run
+    assert "ZeRO stage 2" in stdout[2]
+    z3, z2 = ([json.loads(line)["loss/train"] for line in (root / f"z{stage}" / "metrics.jsonl").read_text().splitlines()]
+              for stage in (3, 2))
+    assert len(z3) == 2
+    torch.testing.assert_close(torch.tensor(z2), torch.tensor(z3), rtol=1e-4, atol=1e-5)

@@ -1,7 +1,8 @@
 """Run under `deepspeed --num_gpus 2`: a SimMIM SwinV2 built inside deepspeed.zero.Init must
 equal the same model built without it (parameters, rebuilt buffers, loss).
 
-    tests/zero_init_build.py          a small SwinV2 (also under bf16 zero.Init)
+    tests/zero_init_build.py          a small SwinV2 (also under bf16 zero.Init), and a timm DeiT backbone
+                                      whose weights must be timm's own init
     tests/zero_init_build.py giant    SwinV2-G's widths (embed 512 -> 4096) with fewer blocks: each rank holds
                                       half of every weight, and the output equals the unpartitioned model's
 
@@ -14,6 +15,7 @@ import deepspeed
 import torch
 
 from models import build_simmim
+from models.backbones import build_backbone
 from scale.dist import init_distributed
 
 ARCH = dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 4, 8),
@@ -127,7 +129,27 @@ def main() -> None:
         expected_dtype = b_ref.dtype if not b_ref.is_floating_point() else b_zero.dtype
         if b_zero.dtype != expected_dtype or not torch.equal(b_ref.to(expected_dtype), b_zero):
             sys.exit(f"rank {rank}: buffer {name} differs after bf16 zero.Init ({b_zero.dtype})")
+    vit_matches_timm(rank, base_config)
     print(f"rank {rank}: zero.Init build identical, loss {loss_ref.item():.6f}", flush=True)
+
+
+def vit_matches_timm(rank: int, zero_config: dict) -> None:
+    """timm initialises a ViT through its own module walk, which zero.Init does not gather around: the
+    backbone built under zero.Init must still hold the weights timm.create_model draws with the same seed."""
+    import timm
+
+    torch.manual_seed(0)
+    expected = dict(timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
+                    .named_parameters())
+    for zero in (None, zero_config):
+        torch.manual_seed(0)
+        with deepspeed.zero.Init(config_dict_or_path=zero_config, enabled=zero is not None):
+            vit = build_backbone("deit_tiny_patch16_224", img_size=32)
+        with deepspeed.zero.GatheredParameters(list(vit.parameters()), enabled=zero is not None):
+            for name, p in vit.named_parameters():
+                if not torch.equal(p, expected[name]):
+                    sys.exit(f"rank {rank}: timm backbone parameter {name} is not timm's init "
+                             f"({'under' if zero else 'without'} zero.Init)")
 
 
 if __name__ == "__main__":
