@@ -109,13 +109,18 @@ class DINOHead(nn.Module):
             self.register_buffer("scale", torch.ones(out_dim, 1, **dd))
         else:
             self.scale = nn.Parameter(torch.ones(out_dim, 1, **dd))  # g
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        # through Module.apply: the Linear layers are partitioned already under deepspeed.zero.Init,
+        # which gathers a module's weights only around apply (a direct init would change nothing)
+        self.mlp.apply(_init_linear)
         trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) -> (..., out_dim) logits."""
         z = F.normalize(self.mlp(x), dim=-1)
         return F.linear(z, F.normalize(self.prototypes, dim=1) * self.scale)
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)

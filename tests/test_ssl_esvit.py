@@ -1,5 +1,6 @@
 """EsViT: region matching, centres, loss, multi-size student and task schedules on one CPU process, plus one
-launch on 2 real CPU ranks (deepspeed --num_gpus 2, ZeRO-3, fp32) shared by the distributed tests.
+launch on 2 real CPU ranks (deepspeed --num_gpus 2, ZeRO-3, fp32) shared by the distributed tests, and the
+same launch under ZeRO-2.
 
 The launch is demo_esvit at micro batch 8 for 8 steps with a checkpoint after every step, a flat LR, a
 constant teacher temperature and centre momentum 0: the centre then follows the last batch at once, so
@@ -180,11 +181,21 @@ def _rank_states(out, step: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("esvit") / "z3"
+    root = tmp_path_factory.mktemp("esvit")
+    out = root / "z3"
     stdout = run_deepspeed("run_pretrain.py", *ARGS, f"output_dir={out}", timeout=600).stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     weights = {step: consolidate(out / "checkpoints" / f"step_{step:08d}")["model"] for step in range(1, STEPS + 1)}
     return out, stdout, metrics, weights
+
+
+@pytest.fixture(scope="module")
+def zero2_losses(tmp_path_factory):
+    out = tmp_path_factory.mktemp("esvit_z2") / "z2"
+    stdout = run_deepspeed("run_pretrain.py", *ARGS, "--ds_config", "ds_configs/zero2.json", "checkpoint.every_steps=0",
+                           f"output_dir={out}", timeout=600).stdout
+    assert "ZeRO stage 2" in stdout
+    return [json.loads(line)["loss/train"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.distributed
@@ -195,6 +206,13 @@ def test_loss_falls_once_the_centre_is_set(run):
     # step 1's teacher is not yet centred (the centre starts at 0, as DINO's): from step 2 on
     assert sum(losses[-2:]) < sum(losses[1:3]) - 0.2, losses
     assert all(m["esvit/teacher_temp"] == 0.07 and m["esvit/region_loss"] > 0 for m in metrics)
+
+
+@pytest.mark.distributed
+def test_zero_stages_2_and_3_give_the_same_losses(run, zero2_losses):
+    _, _, metrics, _ = run
+    torch.testing.assert_close(torch.tensor(zero2_losses), torch.tensor([m["loss/train"] for m in metrics]),
+                               rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.distributed

@@ -1,8 +1,8 @@
 """Run under `deepspeed --num_gpus 2`: a SimMIM SwinV2 built inside deepspeed.zero.Init must
 equal the same model built without it (parameters, rebuilt buffers, loss).
 
-    tests/zero_init_build.py          a small SwinV2 (also under bf16 zero.Init), and a timm DeiT backbone
-                                      whose weights must be timm's own init
+    tests/zero_init_build.py          a small SwinV2 (also under bf16 zero.Init), a timm DeiT backbone
+                                      (whose weights must be timm's own init) and a small EsViT
     tests/zero_init_build.py giant    SwinV2-G's widths (embed 512 -> 4096) with fewer blocks: each rank holds
                                       half of every weight, and the output equals the unpartitioned model's
 
@@ -16,6 +16,7 @@ import torch
 
 from models import build_simmim
 from models.backbones import build_backbone
+from models.esvit import build_esvit
 from scale.dist import init_distributed
 
 ARCH = dict(img_size=64, window_size=4, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 4, 8),
@@ -129,28 +130,33 @@ def main() -> None:
         expected_dtype = b_ref.dtype if not b_ref.is_floating_point() else b_zero.dtype
         if b_zero.dtype != expected_dtype or not torch.equal(b_ref.to(expected_dtype), b_zero):
             sys.exit(f"rank {rank}: buffer {name} differs after bf16 zero.Init ({b_zero.dtype})")
-    vit_matches_timm(rank, base_config)
+    timm_and_esvit_init_survive_zero_init(rank, base_config)
     print(f"rank {rank}: zero.Init build identical, loss {loss_ref.item():.6f}", flush=True)
 
 
-def vit_matches_timm(rank: int, zero_config: dict) -> None:
-    """timm initialises a ViT through its own module walk, which zero.Init does not gather around: the
-    backbone built under zero.Init must still hold the weights timm.create_model draws with the same seed."""
+def timm_and_esvit_init_survive_zero_init(rank: int, zero_config: dict) -> None:
+    """timm initialises a ViT through its own module walk and EsViT's DINO head its layers after building them,
+    neither of which zero.Init sees on its own: built under zero.Init, both must hold the weights their
+    plain builds draw with the same seed (a timm backbone: exactly timm.create_model's)."""
     import timm
 
-    torch.manual_seed(0)
-    expected = dict(timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)
-                    .named_parameters())
-    for zero in (None, zero_config):
+    cases = {"timm backbone": (lambda: build_backbone("deit_tiny_patch16_224", img_size=32),
+                               lambda: timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32,
+                                                         num_classes=0)),
+             "EsViT": (lambda: build_esvit("swinv2_tiny", out_dim=32, dense_out_dim=16, hidden_dim=32,
+                                           bottleneck_dim=8, **ARCH),) * 2}
+    for what, (build, build_reference) in cases.items():
         torch.manual_seed(0)
-        with deepspeed.zero.Init(config_dict_or_path=zero_config, enabled=zero is not None):
-            vit = build_backbone("deit_tiny_patch16_224", img_size=32)
-        with deepspeed.zero.GatheredParameters(list(vit.parameters()), enabled=zero is not None):
-            for name, p in vit.named_parameters():
-                if not torch.equal(p, expected[name]):
-                    sys.exit(f"rank {rank}: timm backbone parameter {name} is not timm's init "
-                             f"({'under' if zero else 'without'} zero.Init)")
-
+        expected = dict(build_reference().named_parameters())
+        for zero in (False, True):
+            torch.manual_seed(0)
+            with deepspeed.zero.Init(config_dict_or_path=zero_config, enabled=zero):
+                model = build()
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=zero):
+                for name, p in model.named_parameters():
+                    if not torch.equal(p, expected[name]):
+                        sys.exit(f"rank {rank}: {what} parameter {name} is not its plain build's init "
+                                 f"({'under' if zero else 'without'} zero.Init)")
 
 if __name__ == "__main__":
     giant() if "giant" in sys.argv[1:] else main()  # the launcher adds --local_rank=N
