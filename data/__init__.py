@@ -27,9 +27,9 @@ Knows nothing about the model or DeepSpeed. Public API (what the trainers use):
 - `normalize_images(images, mean, std, dtype=torch.float32) -> Tensor`
     uint8 (..., 3, H, W) -> `(images - mean*255) / (std*255)` in `dtype`, on the images' device
     (the trainer runs it after the host-to-device copy); equal to ToTensor + Normalize.
-- `TwoViewTransform(size, scale)`, `MultiCropTransform(global_size, local_size, local_crops, global_scale,
-  local_scale)`, `CorruptedViewsTransform(size, scale, drop_perc, drop_max_block, drop_align, replace_prob,
-  replace_perc)` (`data.views`)
+- `TwoViewTransform(size, scale, grayscale=0.2)`, `MultiCropTransform(global_size, local_size, local_crops,
+  global_scale, local_scale, grayscale=0.2)`, `CorruptedViewsTransform(size, scale, drop_perc, drop_max_block,
+  drop_align, replace_prob, replace_perc, grayscale=0.2)` (`data.views`)
     The self-supervised methods' views: PIL image -> {"view0", "view1"} (BYOL's asymmetric pair),
     {"global0", "global1", "local0", ...} (DINO multi-crop), or the pair plus per-view corruption masks
     "corrupt0"/"corrupt1" ((H, W) uint8) and "replace" (SiT's GMML); uint8 images, fixed count and sizes.

@@ -7,7 +7,8 @@ the views are fixed by the constructor: every rank sees the same crops in the sa
 ZeRO-3 needs (a rank with other shapes would wait in another gather and hang the job).
 Recipes (the seeds' code, see ../shared/SSL_METHODS.md): colour jitter (0.4, 0.4, 0.2, 0.1) with
 p=0.8, grayscale p=0.2; blur sigma in [0.1, 2]; view 1 always blurred, view 2 blurred with p=0.1
-and solarized with p=0.2.
+and solarized with p=0.2. `grayscale` (the recipes' 0.2) is a knob for data where colour tells
+instances apart but not classes (the demo set): at 1 no view keeps its colours.
 """
 import math
 from typing import Sequence
@@ -21,13 +22,13 @@ from torchvision import transforms as T
 __all__ = ["TwoViewTransform", "MultiCropTransform", "CorruptedViewsTransform", "block_corruption_mask"]
 
 
-def _view(size: int, scale: Sequence[float], blur: float, solarize: float) -> T.Compose:
+def _view(size: int, scale: Sequence[float], blur: float, solarize: float, grayscale: float) -> T.Compose:
     """RandomResizedCrop + flip + colour distortion + blur/solarize, ending in a uint8 tensor."""
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # about a tenth of the crop, odd (BYOL)
     steps = [T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
              T.RandomHorizontalFlip(),
              T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-             T.RandomGrayscale(p=0.2),
+             T.RandomGrayscale(p=grayscale),
              T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur)]
     if solarize > 0:
         steps.append(T.RandomSolarize(128, p=solarize))
@@ -51,9 +52,9 @@ class _Views:
 class TwoViewTransform(_Views):
     """BYOL's asymmetric pair (MoBY, SiT v3): {"view0", "view1"}, both `size` px."""
 
-    def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0)) -> None:
-        super().__init__({"view0": _view(size, scale, blur=1.0, solarize=0.0),
-                          "view1": _view(size, scale, blur=0.1, solarize=0.2)})
+    def __init__(self, size: int, scale: Sequence[float] = (0.08, 1.0), grayscale: float = 0.2) -> None:
+        super().__init__({"view0": _view(size, scale, blur=1.0, solarize=0.0, grayscale=grayscale),
+                          "view1": _view(size, scale, blur=0.1, solarize=0.2, grayscale=grayscale)})
 
 
 class MultiCropTransform(_Views):
@@ -64,10 +65,11 @@ class MultiCropTransform(_Views):
     """
 
     def __init__(self, global_size: int, local_size: int, local_crops: int,
-                 global_scale: Sequence[float] = (0.4, 1.0), local_scale: Sequence[float] = (0.05, 0.4)) -> None:
-        views = {"global0": _view(global_size, global_scale, blur=1.0, solarize=0.0),
-                 "global1": _view(global_size, global_scale, blur=0.1, solarize=0.2)}
-        local = _view(local_size, local_scale, blur=0.5, solarize=0.0)
+                 global_scale: Sequence[float] = (0.4, 1.0), local_scale: Sequence[float] = (0.05, 0.4),
+                 grayscale: float = 0.2) -> None:
+        views = {"global0": _view(global_size, global_scale, blur=1.0, solarize=0.0, grayscale=grayscale),
+                 "global1": _view(global_size, global_scale, blur=0.1, solarize=0.2, grayscale=grayscale)}
+        local = _view(local_size, local_scale, blur=0.5, solarize=0.0, grayscale=grayscale)
         views.update({f"local{i}": local for i in range(local_crops)})
         super().__init__(views)
 
@@ -102,8 +104,8 @@ class CorruptedViewsTransform(TwoViewTransform):
 
     def __init__(self, size: int, scale: Sequence[float] = (0.2, 1.0), drop_perc: float = 0.5,
                  drop_max_block: float = 0.3, drop_align: int = 32, replace_prob: float = 0.5,
-                 replace_perc: float = 0.3) -> None:
-        super().__init__(size, scale)
+                 replace_perc: float = 0.3, grayscale: float = 0.2) -> None:
+        super().__init__(size, scale, grayscale)
         self.size, self.drop_perc, self.drop_max_block, self.drop_align = size, drop_perc, drop_max_block, drop_align
         self.replace_prob, self.replace_perc = replace_prob, replace_perc
 

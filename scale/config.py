@@ -282,11 +282,13 @@ class MoBYConfig:
     temperature: float = 0.2
     momentum: float = 0.99  # target momentum at step 0, rising to 1 on a cosine over the run
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    grayscale_prob: float = 0.2  # share of views turned gray (1: colour never tells two images apart)
 
     def __post_init__(self) -> None:
         if min(self.proj_dim, self.hidden_dim, self.queue_size) < 1:
             raise ConfigError("moby.proj_dim, moby.hidden_dim and moby.queue_size must be >= 1")
-        _check_range("moby", {"temperature": (self.temperature, 1e-3, 10.0), "momentum": (self.momentum, 0.0, 1.0)})
+        _check_range("moby", {"temperature": (self.temperature, 1e-3, 10.0), "momentum": (self.momentum, 0.0, 1.0),
+                              "grayscale_prob": (self.grayscale_prob, 0.0, 1.0)})
         _check_crop_scale("moby.crop_scale", self.crop_scale)
 
 
@@ -303,6 +305,7 @@ class EsViTConfig:
     local_crops: int = 8
     local_crops_size: int = 96
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    grayscale_prob: float = 0.2  # share of crops turned gray (1: colour never tells two images apart)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04  # teacher temperature rises linearly from this ...
@@ -320,7 +323,8 @@ class EsViTConfig:
                                "teacher_temp": (self.teacher_temp, 1e-3, 10.0),
                                "warmup_teacher_temp": (self.warmup_teacher_temp, 1e-3, 10.0),
                                "center_momentum": (self.center_momentum, 0.0, 1.0),
-                               "momentum": (self.momentum, 0.0, 1.0)})
+                               "momentum": (self.momentum, 0.0, 1.0),
+                               "grayscale_prob": (self.grayscale_prob, 0.0, 1.0)})
         if self.warmup_teacher_temp_epochs < 0 or self.freeze_last_layer_epochs < 0:
             raise ConfigError("esvit.warmup_teacher_temp_epochs and esvit.freeze_last_layer_epochs must be >= 0")
         _check_crop_scale("esvit.global_crops_scale", self.global_crops_scale)
@@ -337,6 +341,7 @@ class SiTConfig:
     decoder_depth: int = 3  # Linear+GELU layers on the tokens before the pixel decoder (SiT's RECHead: 3)
     momentum: float = 0.996
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    grayscale_prob: float = 0.2  # share of views turned gray (1: colour never tells two images apart)
     drop_perc: float = 0.5  # share of pixels the block corruption covers at least
     drop_max_block: float = 0.3  # largest block side, as a share of the image side
     drop_align: int = 32  # block edges on this pixel grid (the SwinV2 token stride)
@@ -351,7 +356,8 @@ class SiTConfig:
         _check_range("sit", {"temperature": (self.temperature, 1e-3, 10.0),
                              "recon_weight": (self.recon_weight, 0.0, 1e3), "momentum": (self.momentum, 0.0, 1.0),
                              "drop_perc": (self.drop_perc, 0.0, 0.95), "drop_max_block": (self.drop_max_block, 0.01, 1.0),
-                             "replace_prob": (self.replace_prob, 0.0, 1.0), "replace_perc": (self.replace_perc, 0.0, 0.95)})
+                             "replace_prob": (self.replace_prob, 0.0, 1.0), "replace_perc": (self.replace_perc, 0.0, 0.95),
+                             "grayscale_prob": (self.grayscale_prob, 0.0, 1.0)})
         _check_crop_scale("sit.crop_scale", self.crop_scale)
 
 

@@ -28,7 +28,8 @@ class EsViTTask(TeacherStudentTask):
     def make_transform(self) -> Any:
         s = self.section
         return data.MultiCropTransform(self.cfg.model.img_size, s.local_crops_size, s.local_crops,
-                                       global_scale=s.global_crops_scale, local_scale=s.local_crops_scale)
+                                       global_scale=s.global_crops_scale, local_scale=s.local_crops_scale,
+                                       grayscale=s.grayscale_prob)
 
     def image_keys(self) -> list[str]:
         return ["global0", "global1", *(f"local{i}" for i in range(self.section.local_crops))]

@@ -19,7 +19,8 @@ class MoBYTask(TeacherStudentTask):
     name = "moby"
 
     def make_transform(self) -> Any:
-        return data.TwoViewTransform(self.cfg.model.img_size, scale=self.section.crop_scale)
+        return data.TwoViewTransform(self.cfg.model.img_size, scale=self.section.crop_scale,
+                                      grayscale=self.section.grayscale_prob)
 
     def image_keys(self) -> list[str]:
         return ["view0", "view1"]

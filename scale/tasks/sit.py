@@ -26,7 +26,8 @@ class SiTTask(TeacherStudentTask):
         s = self.section
         return data.CorruptedViewsTransform(self.cfg.model.img_size, scale=s.crop_scale, drop_perc=s.drop_perc,
                                             drop_max_block=s.drop_max_block, drop_align=s.drop_align,
-                                            replace_prob=s.replace_prob, replace_perc=s.replace_perc)
+                                            replace_prob=s.replace_prob, replace_perc=s.replace_perc,
+                                            grayscale=s.grayscale_prob)
 
     def image_keys(self) -> list[str]:
         return ["view0", "view1"]
