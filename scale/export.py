@@ -10,7 +10,9 @@ module, "model_args": {"name", overrides...}, "config": {...}, "step": N}`: a Si
 module has `encoder.*`, `decoder.*` and `mask_token`, a classifier run's (`model_args["kind"]`
 == "classifier") `encoder.*`. With `--format timm` OUT is a plain state dict that
 `timm.models.swin_transformer_v2.SwinTransformerV2(**args)` loads with `strict=True`, the args
-being printed on success; a SimMIM run exports its encoder as a headless (num_classes=0) model.
+being printed on success; a SimMIM run exports its encoder as a headless (num_classes=0) model. A
+MoBY, EsViT or SiT run (`model_args["feature_prefix"]`) exports the backbone its evaluation reads
+(EsViT: the teacher's), headless: a SwinV2 for that class, a timm ViT for `timm.create_model(**args)`.
 Runs on one CPU process: no GPU or process group needed.
 """
 from __future__ import annotations
@@ -48,24 +50,55 @@ def build_encoder(model_args: dict[str, Any]) -> Any:
 
     args = dict(model_args)
     name, kind = args.pop("name"), args.pop("kind", "simmim")
-    if kind not in ("simmim", "classifier"):
+    if kind not in ("simmim", "classifier") and "feature_prefix" not in args:
         raise ConfigError(f"model_args kind={kind!r} is not simmim or classifier: this checkpoint has no SwinV2 "
                           f"that timm can hold; export it with --format ours")
     # keys that are not SwinV2 constructor arguments (SimMIM's norm_target_patch_size, ...) do not shape it
     accepted = inspect.signature(models.SwinTransformerV2).parameters
     args = {k: v for k, v in args.items() if k in accepted}
-    if kind == "simmim":
+    if kind != "classifier":  # SimMIM's and the self-supervised methods' encoders have no head
         args["num_classes"] = 0
     return models.build_model(name, device="meta", **args)
 
 
-def to_timm(exported: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
-    """(timm state dict, timm constructor args, notes on numerics) for an `--format ours` export dict."""
-    import models
+def backbone_weights(exported: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A self-supervised run's backbone: its weights under `feature_prefix`, with that prefix removed."""
+    prefix = exported["model_args"]["feature_prefix"]
+    return {k.removeprefix(prefix): v for k, v in exported["model"].items() if k.startswith(prefix)}
 
+
+def _timm_vit(exported: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, timm.create_model args) of a self-supervised run on a timm ViT/DeiT backbone."""
+    import timm
+
+    args = exported["model_args"]
+    timm_args = {"model_name": args["name"], "pretrained": False, "num_classes": 0,
+                 **{k: args[k] for k in ("img_size", "embed_dim") if args.get(k) is not None}}
+    state = backbone_weights(exported)
+    expected = timm.create_model(**timm_args, device="meta").state_dict()
+    wrong = sorted(set(state) ^ set(expected)) + sorted(k for k in set(state) & set(expected)
+                                                        if state[k].shape != expected[k].shape)
+    if wrong:
+        raise ConfigError(f"the checkpoint's weights do not match its meta.json model_args ({len(wrong)} keys "
+                          f"differ, e.g. {wrong[0]}); export with --format ours")
+    return state, timm_args
+
+
+def to_timm(exported: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """(timm state dict, timm constructor args, notes on numerics) for an `--format ours` export dict.
+
+    The args are `timm.models.swin_transformer_v2.SwinTransformerV2`'s, or for a timm ViT backbone
+    `timm.create_model`'s (they hold `model_name`).
+    """
+    import models
+    from models.backbones import is_timm_backbone
+
+    ssl = "feature_prefix" in exported["model_args"]
+    if ssl and is_timm_backbone(exported["model_args"]["name"]):
+        return *_timm_vit(exported), []
     try:
         encoder = build_encoder(exported["model_args"])
-        state = models.to_timm_state_dict(exported["model"])
+        state = models.to_timm_state_dict(backbone_weights(exported) if ssl else exported["model"])
         timm_args = models.timm_model_args(encoder)
         # the run's own architecture in timm's names: any difference would fail timm's strict load
         expected = models.to_timm_state_dict(encoder.state_dict())
@@ -128,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} ({args.format}): {len(weights)} tensors, {sum(v.numel() for v in weights.values()) / 1e6:.2f}M "
           f"values, step {exported['step']}, model {exported['model_args']['name']}")
     if args.format == "timm":
-        print(f"load with timm.models.swin_transformer_v2.SwinTransformerV2(**{timm_args})"
-              f".load_state_dict(torch.load(OUT), strict=True)")
+        build = "timm.create_model" if "model_name" in timm_args else "timm.models.swin_transformer_v2.SwinTransformerV2"
+        print(f"load with {build}(**{timm_args}).load_state_dict(torch.load(OUT), strict=True)")
         for note in notes:
             print(f"warning: timm's outputs differ slightly at this input size: {note}", file=sys.stderr)
     return 0

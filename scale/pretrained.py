@@ -29,14 +29,21 @@ class PretrainedSource:
     path: str
     kind: str  # "run" (a DeepSpeed checkpoint of ours), "export" (scale.export), "file" (Microsoft / timm)
     windows: list[int] | None  # per stage, the window the MLP's coordinates were normalised by; None: unknown
+    # a self-supervised run's backbone weights (MoBY's online encoder, EsViT's teacher): what its evaluation reads
+    feature_prefix: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The weights (fp32, on the CPU). A run checkpoint is consolidated from its ZeRO shards first."""
         if self.kind == "run":
             from scale.export import consolidate
 
-            return consolidate(self.path)["model"]
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+            state = consolidate(self.path)["model"]
+        else:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if self.feature_prefix is None:
+            return state
+        state = state["model"] if self.kind == "export" else state
+        return {k.removeprefix(self.feature_prefix): v for k, v in state.items() if k.startswith(self.feature_prefix)}
 
 
 def stage_windows(model_args: dict[str, Any]) -> list[int]:
@@ -45,9 +52,14 @@ def stage_windows(model_args: dict[str, Any]) -> list[int]:
     A model that was itself fine-tuned from another keeps that one's normalisation windows.
     """
     import models
+    from models.backbones import is_timm_backbone
 
+    if is_timm_backbone(model_args["name"]):
+        raise ConfigError(f"--pretrained holds a {model_args['name']} backbone: run_finetune.py fine-tunes SwinV2; "
+                          f"export it with python -m scale.export RUN OUT.pt --format timm and fine-tune it with timm")
     encoder = models.build_model(model_args["name"], device="meta", num_classes=0, **{
-        k: v for k, v in model_args.items() if k not in ("name", "kind", "num_classes", "norm_target_patch_size")})
+        k: v for k, v in model_args.items()
+        if k not in ("name", "kind", "num_classes", "norm_target_patch_size", "feature_prefix")})
     if any(encoder.pretrained_window_sizes):
         return list(encoder.pretrained_window_sizes)
     return [min(w, min(r)) for w, r in zip(encoder.window_sizes, encoder.stage_resolutions(encoder.img_size))]
@@ -82,7 +94,8 @@ def open_pretrained(path: str | Path) -> PretrainedSource:
     if path.is_dir():
         ckpt_dir, tag = find_checkpoint(path)  # ConfigError when nothing complete is there
         meta = read_meta(ckpt_dir, tag)
-        return PretrainedSource(str(ckpt_dir / tag), "run", stage_windows(meta["model_args"]))
+        return PretrainedSource(str(ckpt_dir / tag), "run", stage_windows(meta["model_args"]),
+                                meta["model_args"].get("feature_prefix"))
     try:
         # memory-mapped: every rank can look at a multi-GB file without reading it
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -93,7 +106,8 @@ def open_pretrained(path: str | Path) -> PretrainedSource:
     if not isinstance(raw, dict):
         raise ConfigError(f"--pretrained {path} holds a {type(raw).__name__}, not a state dict")
     if isinstance(raw.get("model_args"), dict):
-        return PretrainedSource(str(path), "export", stage_windows(raw["model_args"]))
+        return PretrainedSource(str(path), "export", stage_windows(raw["model_args"]),
+                                raw["model_args"].get("feature_prefix"))
     inner = next((raw[k] for k in ("model", "state_dict", "module") if isinstance(raw.get(k), dict)), raw)
     return PretrainedSource(str(path), "file", windows_from_coords(inner))
 

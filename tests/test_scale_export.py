@@ -1,6 +1,7 @@
 """`python -m scale.export`: --format ours|timm, one-line errors, and a real 2-rank checkpoint exported both ways."""
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 
 import models
 from scale.checkpoint import COMPLETE, tag_for
-from scale.config import ConfigError
+from scale.config import ConfigError, load_config
 from scale.export import main, to_timm
+from scale.tasks import build_task
 from tests.distributed import REPO_ROOT, run_deepspeed
 from tests.test_models import TINY, perturb_
 
@@ -73,6 +75,32 @@ def test_classifier_run_converts_for_timm():
     exported = _classifier_export(model, name="swinv3_tiny")
     with pytest.raises(ConfigError, match="unknown model 'swinv3_tiny'"):
         to_timm(exported)
+
+
+TINY_SSL = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]", "model.drop_path_rate=0.0"]
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("moby", TINY_SSL), ("esvit", TINY_SSL),
+    ("sit", ["model.name=deit_tiny_patch16_224", "model.embed_dim=null", "model.img_size=32"])])
+def test_self_supervised_run_exports_the_backbone_its_evaluation_reads(method, overrides):
+    """MoBY's online encoder, EsViT's teacher encoder (built apart, so its weights differ), a DeiT for timm."""
+    import timm
+
+    cfg = load_config(f"configs/pretrain/demo_{method}.yaml", overrides)
+    task = build_task(method, cfg, SimpleNamespace(device=torch.device("cpu")), log=lambda _: None)
+    module = task.build_method().eval()
+    exported = {"model": module.state_dict(), "model_args": task.model_args(), "config": {}, "step": 3}
+    state, timm_args, notes = to_timm(exported)
+    vit = "model_name" in timm_args
+    twin = (timm.create_model(**timm_args) if vit else TimmSwinV2(**timm_args)).eval()
+    twin.load_state_dict(state, strict=True)
+    backbone = module.teacher["encoder"] if method == "esvit" else module.encoder
+    x = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), backbone(x), atol=1e-5, rtol=0)
+        if method == "esvit":
+            assert not torch.allclose(twin(x), module.encoder(x))
 
 
 # a 2-rank SimMIM pretraining run of one step on a tiny SwinV2; no data.* / simmim.* keys (their names are moving)

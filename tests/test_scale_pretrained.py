@@ -1,11 +1,14 @@
 """What --pretrained sources are and which windows their log-CPB MLP learned at."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import models
 from models.swin_transformer_v2 import log_cpb_coords
-from scale.config import ConfigError
+from scale.config import ConfigError, load_config
 from scale.pretrained import open_pretrained, stage_windows, windows_from_coords
+from scale.tasks import build_task
 
 
 def _microsoft_state_dict(windows, pretrained):
@@ -54,3 +57,27 @@ def test_sources_are_identified(tmp_path):
         open_pretrained(text)
     with pytest.raises(ConfigError, match="does not exist"):
         open_pretrained(tmp_path / "missing.pth")
+
+
+def test_a_self_supervised_export_gives_the_backbone_its_evaluation_reads(tmp_path):
+    """EsViT evaluates and fine-tunes its teacher: --pretrained takes `teacher.encoder.*`, not the student's."""
+    tiny = ["model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,1,2,2]"]
+    cfg = load_config("configs/pretrain/demo_esvit.yaml", tiny)
+    task = build_task("esvit", cfg, SimpleNamespace(device=torch.device("cpu")), log=lambda _: None)
+    module = task.build_method()
+    export = tmp_path / "esvit.pt"
+    torch.save({"model": module.state_dict(), "model_args": task.model_args(), "step": 4}, export)
+    source = open_pretrained(export)
+    assert (source.kind, source.windows, source.feature_prefix) == ("export", [4, 4, 4, 2], "teacher.encoder.")
+    classifier = models.build_model("swinv2_tiny", img_size=64, window_size=4, num_classes=12, embed_dim=16,
+                                    depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
+    report = models.load_pretrained(classifier, source.state_dict())
+    assert report.unexpected_keys == [] and all(k.startswith("head.") for k in report.missing_keys)
+    teacher = module.teacher["encoder"].state_dict()
+    assert all(torch.equal(classifier.state_dict()[k], v) for k, v in teacher.items())
+
+    vit = load_config("configs/pretrain/demo_sit.yaml", ["model.name=deit_tiny_patch16_224", "model.embed_dim=null"])
+    torch.save({"model": {}, "model_args": build_task("sit", vit, SimpleNamespace(device=torch.device("cpu")),
+                                                      log=lambda _: None).model_args(), "step": 1}, export)
+    with pytest.raises(ConfigError, match="fine-tunes SwinV2; export it with .* --format timm"):
+        open_pretrained(export)
