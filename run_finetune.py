@@ -24,8 +24,8 @@ from scale.dist import init_distributed, local_world_size, seed_everything
 from scale.ds_config import (fill_ds_config, load_ds_config, planned_precision, precision_of, with_universal_load,
                              zero_stage)
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.launch import (announce_device, check_can_start, config_error, data_path_or_demo, main_rank_log,
-                          start_process, trainer_arg_parser, write_run_files)
+from scale.launch import (announce_device, check_can_start, config_error, data_path_or_demo, exit_process,
+                          main_rank_log, start_process, trainer_arg_parser, write_run_files)
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.memory import device_memory_budget
@@ -223,4 +223,4 @@ def write_metrics(cfg, results: list[dict], best: dict, plans: list) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

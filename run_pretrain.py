@@ -20,8 +20,8 @@ from scale.dist import init_distributed, seed_everything
 from scale.checkpoint import CheckpointManager, check_elastic, check_resumable
 from scale.ds_config import fill_ds_config, load_ds_config, precision_of, with_universal_load
 from scale.engine import NonFiniteLossError, build_engine, partitioned
-from scale.launch import (announce_device, check_can_start, config_error, data_path_or_demo, main_rank_log,
-                          start_process, trainer_arg_parser, write_run_files)
+from scale.launch import (announce_device, check_can_start, config_error, data_path_or_demo, exit_process,
+                          main_rank_log, start_process, trainer_arg_parser, write_run_files)
 from scale.loop import Trainer
 from scale.lr_schedule import build_lr_schedule, scale_lr
 from scale.metrics import MetricsProcessor, device_peak_flops
@@ -133,4 +133,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

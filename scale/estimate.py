@@ -15,6 +15,7 @@ import sys
 
 from models import list_models
 from models.attention import ATTN_BACKENDS
+from scale.launch import exit_process
 from scale.memory import estimate_memory, flops_per_image, max_micro_batch
 
 # What a GPU loses to the CUDA context, NCCL's buffers and allocator fragmentation: the trainer plans
@@ -103,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scale.config import ConfigError
+from scale.launch import exit_process
 
 PROTOCOLS = ("knn", "linear")
 
@@ -235,4 +236,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

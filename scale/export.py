@@ -28,6 +28,7 @@ import torch
 
 from scale.checkpoint import find_checkpoint, read_meta
 from scale.config import ConfigError
+from scale.launch import exit_process
 
 FORMATS = ("ours", "timm")
 
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
