@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 
 from scale.checkpoint import CheckpointManager, check_elastic, check_resumable, tag_for
 from scale.config import FINETUNE_DEMO_CONFIG, ConfigError, check_data_path, check_model_name, load_finetune_config

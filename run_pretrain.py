@@ -13,7 +13,6 @@ Export weights for fine-tuning: python -m scale.export output/<name> pretrained.
 """
 import argparse
 import os
-import sys
 
 from scale.config import DEMO_CONFIG, ConfigError, check_data_path, check_method, check_model_name, load_config
 from scale.dist import init_distributed, seed_everything

@@ -141,7 +141,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.weight_decay < 0 or self.eps <= 0:
-            raise ConfigError("optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0")
+            raise ConfigError(f"optim.lr and optim.eps must be > 0 and optim.weight_decay >= 0, got lr={self.lr}, "
+                              f"eps={self.eps}, weight_decay={self.weight_decay}: set them in the config or as "
+                              f"optim.lr=... overrides")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if self.clip_grad is not None and self.clip_grad < 0:

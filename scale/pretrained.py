@@ -90,7 +90,8 @@ def open_pretrained(path: str | Path) -> PretrainedSource:
     """Identify `path` without loading it whole; raises ConfigError naming the problem and the fix."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"--pretrained {path} does not exist")
+        raise ConfigError(f"--pretrained {path} does not exist: pass a pretraining run's output dir, a step_* folder "
+                          f"or a weights file (ours, Microsoft's or timm's)")
     if path.is_dir():
         ckpt_dir, tag = find_checkpoint(path)  # ConfigError when nothing complete is there
         meta = read_meta(ckpt_dir, tag)
