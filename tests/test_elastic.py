@@ -13,7 +13,7 @@ import torch
 from data import ShardLoader
 from scale.checkpoint import complete_tags, read_meta
 from scale.export import main as export_main
-from tests.distributed import run_deepspeed
+from tests.distributed import run_torchrun
 from tests.test_data_common import make_shards, to_tensor
 
 KW = dict(num_workers=0, seed=3, shuffle_buffer=4, interleave=2, drop_last=False)
@@ -97,7 +97,7 @@ COMMON = ["model.img_size=32", "data.num_workers=0", "optim.lr=0.02", "schedule.
 
 def _launch(out, ranks: int, steps: int, resume: str) -> str:
     batch = 16 // ranks  # the same global batch, hence the same LR schedule, on either world size
-    return run_deepspeed("run_pretrain.py", *COMMON, f"train.micro_batch_size={batch}", f"train.max_steps={steps}",
+    return run_torchrun("run_pretrain.py", *COMMON, f"train.micro_batch_size={batch}", f"train.max_steps={steps}",
                          f"output_dir={out}", f"resume={resume}", num_procs=ranks, timeout=600).stdout
 
 

@@ -1,4 +1,5 @@
-"""run_finetune.py end to end on 2 real CPU ranks (deepspeed --num_gpus 2, gloo, fp32, ZeRO-3).
+"""run_finetune.py end to end on 2 real CPU ranks (torchrun; the preempted run under `deepspeed --num_gpus 2`, as
+users stop it; gloo, fp32, ZeRO-3).
 
 Launches shared by the tests below (module fixture): the demo pretraining cut to 12 steps; the demo progressive
 fine-tune (64/w4 -> 96/w6 -> 128/w8) from it, shortened to 200 steps (a small SwinV2 needs ~150 steps at
@@ -16,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed import REPO_ROOT, finish, logged_step, run_deepspeed, start_deepspeed, wait_for
+from tests.distributed import REPO_ROOT, finish, logged_step, run_torchrun, start_deepspeed, wait_for
 
 pytestmark = pytest.mark.distributed
 
@@ -37,11 +38,11 @@ def runs(tmp_path_factory):
     pretrain = root / "pretrain"
     # a few SimMIM steps: the fine-tune starts from a real run's weights and windows (12 of the demo's 96
     # steps; the classes separate in the fine-tune either way)
-    run_deepspeed("run_pretrain.py", *COMMON, "train.max_steps=12", "checkpoint.every_steps=0",
+    run_torchrun("run_pretrain.py", *COMMON, "train.max_steps=12", "checkpoint.every_steps=0",
                   f"output_dir={pretrain}", timeout=600)
     stdout = {}
     full = root / "full"
-    stdout["full"] = run_deepspeed("run_finetune.py", "--pretrained", str(pretrain), *COMMON,
+    stdout["full"] = run_torchrun("run_finetune.py", "--pretrained", str(pretrain), *COMMON,
                                    f"train.max_steps={FINETUNE_STEPS}", f"checkpoint.every_steps={MID_STAGE_2}",
                                    "checkpoint.keep_last=5", f"output_dir={full}", timeout=900).stdout
     resumed = root / "resumed"
@@ -54,7 +55,7 @@ def runs(tmp_path_factory):
     wait_for(lambda: logged_step(resumed) > MID_STAGE_2, proc, timeout=600)
     os.killpg(proc.pid, signal.SIGTERM)
     _, stdout["preempted"] = finish(proc)  # the one-node `deepspeed` command itself dies of the signal
-    stdout["resumed"] = run_deepspeed("run_finetune.py", *args, timeout=900).stdout
+    stdout["resumed"] = run_torchrun("run_finetune.py", *args, timeout=900).stdout
     return root, stdout
 
 

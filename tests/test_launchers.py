@@ -2,8 +2,8 @@
 
 With 2 nodes of 1 process each, every process has LOCAL_RANK 0 and LOCAL_WORLD_SIZE 1 while RANK
 is 0 and 1: a path that took the local rank for the global one would have two rank 0s, writing the
-same trainer file and both printing. The deepspeed launcher is what every other distributed test
-uses; SLURM's srun is in tests/test_slurm.py.
+same trainer file and both printing. torchrun also runs the tests of training results (tests/distributed.py);
+the deepspeed launcher the tests of stopping, killing and preempting; SLURM's srun is in tests/test_slurm.py.
 """
 import subprocess
 import sys

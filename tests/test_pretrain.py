@@ -1,4 +1,5 @@
-"""run_pretrain.py end to end on 2 real CPU ranks (deepspeed --num_gpus 2, gloo, fp32).
+"""run_pretrain.py end to end on 2 real CPU ranks (torchrun, gloo, fp32; the deepspeed launcher: test_crash_safety.py,
+test_preemption.py).
 
 Four launches, shared by the tests below (module fixture): the demo config shrunk to 32x32 and
 6 steps under ZeRO 1, 2 and 3 with the same seed, then a copy of the ZeRO-3 output with its last
@@ -14,7 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.distributed import REPO_ROOT, run_deepspeed
+from tests.distributed import REPO_ROOT, run_torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -25,7 +26,7 @@ COMMON = ["model.img_size=32", "train.micro_batch_size=8", "data.num_workers=0",
 
 
 def _launch(ds_config: str, out, *extra: str) -> str:
-    proc = run_deepspeed("run_pretrain.py", "--ds_config", f"ds_configs/{ds_config}.json", *COMMON,
+    proc = run_torchrun("run_pretrain.py", "--ds_config", f"ds_configs/{ds_config}.json", *COMMON,
                          f"output_dir={out}", *extra, timeout=600)
     return proc.stdout
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed import REPO_ROOT, run_deepspeed
+from tests.distributed import REPO_ROOT, run_torchrun
 
 TINY = ["model.img_size=32", "model.embed_dim=16", "model.depths=[1,1,1,1]", "model.num_heads=[1,2,2,4]",
         "model.window_size=4", "model.drop_path_rate=0.0", "train.micro_batch_size=4", "data.mask_patch_size=16"]
@@ -123,7 +123,7 @@ def worker(out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_engine_zero3_two_ranks_and_export(tmp_path):
-    run_deepspeed(str(Path(__file__).resolve()), "worker", str(tmp_path), timeout=600)
+    run_torchrun(str(Path(__file__).resolve()), "worker", str(tmp_path), timeout=600)
     out = tmp_path / "exported.pt"
     proc = subprocess.run([sys.executable, "-m", "scale.export", str(tmp_path), str(out)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)

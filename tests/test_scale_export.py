@@ -12,7 +12,7 @@ from scale.checkpoint import COMPLETE, tag_for
 from scale.config import ConfigError, load_config
 from scale.export import main, to_timm
 from scale.tasks import build_task
-from tests.distributed import REPO_ROOT, run_deepspeed
+from tests.distributed import REPO_ROOT, run_torchrun
 from tests.test_models import TINY, perturb_
 
 
@@ -119,7 +119,7 @@ def _export(run, out, *extra: str) -> str:
 @pytest.mark.distributed
 def test_pretrain_checkpoint_exports_to_timm_with_the_same_features(tmp_path):
     run = tmp_path / "run"
-    run_deepspeed("run_pretrain.py", "--ds_config", "ds_configs/zero3.json", *RUN, f"output_dir={run}", timeout=600)
+    run_torchrun("run_pretrain.py", "--ds_config", "ds_configs/zero3.json", *RUN, f"output_dir={run}", timeout=600)
     _export(run, tmp_path / "ours.pt")
     stdout = _export(run, tmp_path / "timm.pt", "--format", "timm")
     assert "timm.models.swin_transformer_v2.SwinTransformerV2(" in stdout

@@ -1,5 +1,5 @@
 """EsViT: region matching, centres, loss, multi-size student and task schedules on one CPU process, plus one
-launch on 2 real CPU ranks (deepspeed --num_gpus 2, ZeRO-3, fp32) shared by the distributed tests, and the
+launch on 2 real CPU ranks (torchrun, ZeRO-3, fp32) shared by the distributed tests, and the
 same launch under ZeRO-2.
 
 The launch is demo_esvit at micro batch 8 for 8 steps with a checkpoint after every step, a flat LR, a
@@ -19,7 +19,7 @@ from scale.config import load_config
 from scale.ema import cosine_momentum
 from scale.export import consolidate
 from scale.tasks.esvit import EsViTTask
-from tests.distributed import run_deepspeed
+from tests.distributed import run_torchrun
 
 TINY = dict(img_size=64, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4)
 STEPS, FROZEN_STEPS, MOMENTUM = 8, 3, 0.99
@@ -183,7 +183,7 @@ def _rank_states(out, step: int) -> list[dict]:
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("esvit")
     out = root / "z3"
-    stdout = run_deepspeed("run_pretrain.py", *ARGS, f"output_dir={out}", timeout=600).stdout
+    stdout = run_torchrun("run_pretrain.py", *ARGS, f"output_dir={out}", timeout=600).stdout
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     weights = {step: consolidate(out / "checkpoints" / f"step_{step:08d}")["model"] for step in range(1, STEPS + 1)}
     return out, stdout, metrics, weights
@@ -192,7 +192,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero2_losses(tmp_path_factory):
     out = tmp_path_factory.mktemp("esvit_z2") / "z2"
-    stdout = run_deepspeed("run_pretrain.py", *ARGS, "--ds_config", "ds_configs/zero2.json", "checkpoint.every_steps=0",
+    stdout = run_torchrun("run_pretrain.py", *ARGS, "--ds_config", "ds_configs/zero2.json", "checkpoint.every_steps=0",
                            f"output_dir={out}", timeout=600).stdout
     assert "ZeRO stage 2" in stdout
     return [json.loads(line)["loss/train"] for line in (out / "metrics.jsonl").read_text().splitlines()]

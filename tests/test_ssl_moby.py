@@ -1,4 +1,4 @@
-"""MoBY on 2 real CPU ranks (deepspeed --num_gpus 2, gloo, fp32), plus its queue and head units.
+"""MoBY on 2 real CPU ranks (torchrun, gloo, fp32), plus its queue and head units.
 
 Three launches shared by the tests (module fixture): demo_moby shrunk to 32x32 and 6 steps under
 ZeRO-3 (a checkpoint after every step) and ZeRO-2 with the same seed, then a copy of the ZeRO-3
@@ -13,7 +13,7 @@ import torch
 from models.moby import KeyQueues, build_moby
 from scale.ema import cosine_momentum
 from scale.export import consolidate
-from tests.distributed import run_deepspeed
+from tests.distributed import run_torchrun
 
 STEPS, QUEUE, GLOBAL_BATCH, MOMENTUM = 6, 64, 16, 0.9
 COMMON = ["--config", "configs/pretrain/demo_moby.yaml", "model.img_size=32", "train.micro_batch_size=8",
@@ -23,7 +23,7 @@ COMMON = ["--config", "configs/pretrain/demo_moby.yaml", "model.img_size=32", "t
 
 
 def _launch(stage: int, out, *extra: str) -> str:
-    return run_deepspeed("run_pretrain.py", "--ds_config", f"ds_configs/zero{stage}.json", *COMMON,
+    return run_torchrun("run_pretrain.py", "--ds_config", f"ds_configs/zero{stage}.json", *COMMON,
                          f"output_dir={out}", *extra, timeout=600).stdout
 
 
@@ -146,5 +146,5 @@ def test_loss_uses_the_queue_before_this_batch_and_teacher_gets_no_gradient():
 
 @pytest.mark.distributed
 def test_global_batch_norm_equals_one_batch_norm_over_all_ranks():
-    proc = run_deepspeed("tests/global_bn_check.py", timeout=120)
+    proc = run_torchrun("tests/global_bn_check.py", timeout=120)
     assert proc.stdout.count("global batch norm matches") == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from data.views import CorruptedViewsTransform, block_corruption_mask
 from models.sit import build_sit, corrupt, masked_l1
-from tests.distributed import run_deepspeed
+from tests.distributed import run_torchrun
 
 STEPS = 24
 TINY_SWIN = {"img_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4,
@@ -24,7 +24,7 @@ TINY_SWIN = {"img_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads
 
 
 def _launch(out, *extra: str, stage: int = 3) -> str:
-    return run_deepspeed("run_pretrain.py", "--config", "configs/pretrain/demo_sit.yaml", "--ds_config",
+    return run_torchrun("run_pretrain.py", "--config", "configs/pretrain/demo_sit.yaml", "--ds_config",
                          f"ds_configs/zero{stage}.json", "data.num_workers=0", "log.every_steps=1", "checkpoint.every_steps=0",
                          "seed=3", f"output_dir={out}", "resume=none", *extra, timeout=600).stdout
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed import REPO_ROOT, run_deepspeed
+from tests.distributed import REPO_ROOT, run_torchrun
 
 TINY = ["model.embed_dim=16", "model.depths=[1,1,2,1]", "model.num_heads=[1,2,2,4]", "model.drop_path_rate=0.0",
         "finetune.num_classes=5", "finetune.mixup=0", "finetune.cutmix=0", "finetune.ema_decay=0.5",
@@ -128,7 +128,7 @@ def worker(out_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_classification_task_zero3_two_ranks(tmp_path):
-    run_deepspeed(str(Path(__file__).resolve()), "worker", str(tmp_path), timeout=900)
+    run_torchrun(str(Path(__file__).resolve()), "worker", str(tmp_path), timeout=900)
     assert (tmp_path / "ok").exists()
 
 

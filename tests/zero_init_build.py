@@ -1,4 +1,4 @@
-"""Run under `deepspeed --num_gpus 2`: a SimMIM SwinV2 built inside deepspeed.zero.Init must
+"""Run on 2 ranks (`torchrun --nproc_per_node 2`): a SimMIM SwinV2 built inside deepspeed.zero.Init must
 equal the same model built without it (parameters, rebuilt buffers, loss).
 
     tests/zero_init_build.py          a small SwinV2 (also under bf16 zero.Init), a timm DeiT backbone
@@ -159,4 +159,4 @@ def timm_and_esvit_init_survive_zero_init(rank: int, zero_config: dict) -> None:
                                  f"({'under' if zero else 'without'} zero.Init)")
 
 if __name__ == "__main__":
-    giant() if "giant" in sys.argv[1:] else main()  # the launcher adds --local_rank=N
+    giant() if "giant" in sys.argv[1:] else main()  # the deepspeed launcher would add --local_rank=N
