@@ -4,7 +4,9 @@ With 2 nodes of 1 process each, every process has LOCAL_RANK 0 and LOCAL_WORLD_S
 is 0 and 1: a path that took the local rank for the global one would have two rank 0s, writing the
 same trainer file and both printing. torchrun also runs the tests of training results (tests/distributed.py);
 the deepspeed launcher the tests of stopping, killing and preempting; SLURM's srun is in tests/test_slurm.py.
+Last, a venv's python run without activating the venv, on a host whose PATH has no ninja.
 """
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +52,20 @@ def test_torchrun_two_nodes_of_one_process(tmp_path):
         assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
     _assert_trained_on_two_ranks(out, results[0][0])
     assert "step " not in results[1][0], results[1][0][-2000:]  # node 1's only rank is rank 1: silent
+
+
+def test_venv_python_started_without_activation_on_a_host_without_ninja(tmp_path):
+    """`.venv/bin/python run_pretrain.py` with only a compiler on PATH: DeepSpeed's CPU comm op must be built (or
+    loaded) with the venv's own ninja; it raised "ninja not being installed" at init before start_process saw to it."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("c++", "cc", "gcc", "g++", "as", "ld"):  # what a JIT build of the op runs, ninja aside
+        if shutil.which(tool):
+            (tools / tool).symlink_to(shutil.which(tool))
+    env = {**job_env(), "PATH": str(tools), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "run_pretrain.py", *COMMON, "train.max_steps=1", "checkpoint.every_steps=0",
+                           f"output_dir={out}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "done: 1 steps" in proc.stdout
