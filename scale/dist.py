@@ -10,7 +10,9 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -77,6 +79,21 @@ def local_world_size(environ: dict[str, str] | None = None) -> int:
     return 1
 
 
+def put_interpreter_bin_on_path() -> None:
+    """Put this interpreter's bin folder first on PATH when it holds a ninja that PATH would not find first.
+
+    On a CPU, `deepspeed.init_distributed` builds DeepSpeed's shared-memory comm op on first use with whatever
+    `ninja` is on PATH. A venv's python started without activating the venv (`.venv/bin/python run_pretrain.py`,
+    `srun .venv/bin/python ...`) would crash there on a host without a system ninja, and on a host with one it
+    would rebuild the cached op (~1 min) every time runs alternate between the two ninjas, which read each
+    other's build logs as stale.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    ninja = os.path.join(bin_dir, "ninja")
+    if os.access(ninja, os.X_OK) and shutil.which("ninja") != ninja:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+
+
 def init_distributed() -> DistInfo:
     """Create the process group (NCCL on GPU, gloo on CPU, chosen by DeepSpeed) and pick the device."""
     import deepspeed
@@ -85,6 +102,7 @@ def init_distributed() -> DistInfo:
     # DeepSpeed logs every config value and bucket at INFO on every rank; our log line covers what matters
     deepspeed.utils.logger.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    put_interpreter_bin_on_path()
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

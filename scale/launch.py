@@ -10,7 +10,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -46,25 +45,10 @@ def start_process() -> tuple[int, bool, bool]:
     """
     STOP.install()  # from the first moment: SIGUSR1's default action would end the job without a checkpoint
     map_launcher_env()  # RANK/WORLD_SIZE from the launcher, SLURM, or a one-process default
-    put_interpreter_bin_on_path()
     cuda = torch.cuda.is_available()
     if not cuda:  # activations live in host memory: keep its footprint to the live tensors
         return_freed_host_memory()
     return int(os.environ["WORLD_SIZE"]), os.environ["RANK"] == "0", cuda
-
-
-def put_interpreter_bin_on_path() -> None:
-    """Put this interpreter's bin folder first on PATH when it holds a ninja that PATH would not find first.
-
-    DeepSpeed builds its CPU communication op on first use with whatever `ninja` is on PATH. A venv's python
-    started without activating the venv (`.venv/bin/python run_pretrain.py`, `srun .venv/bin/python ...`) would
-    crash at init on a host without a system ninja, and on a host with one it would rebuild the cached op
-    (~1 min) every time runs alternate between the two ninjas, which read each other's build logs as stale.
-    """
-    bin_dir = os.path.dirname(sys.executable)
-    ninja = os.path.join(bin_dir, "ninja")
-    if os.access(ninja, os.X_OK) and shutil.which("ninja") != ninja:
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 def check_can_start(cfg: RunConfig) -> None:

@@ -98,7 +98,7 @@ COMMON = ["model.img_size=32", "data.num_workers=0", "optim.lr=0.02", "schedule.
 def _launch(out, ranks: int, steps: int, resume: str) -> str:
     batch = 16 // ranks  # the same global batch, hence the same LR schedule, on either world size
     return run_torchrun("run_pretrain.py", *COMMON, f"train.micro_batch_size={batch}", f"train.max_steps={steps}",
-                         f"output_dir={out}", f"resume={resume}", num_procs=ranks, timeout=600).stdout
+                        f"output_dir={out}", f"resume={resume}", num_procs=ranks, timeout=600).stdout
 
 
 def _losses(out) -> dict[int, float]:

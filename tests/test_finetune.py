@@ -39,12 +39,12 @@ def runs(tmp_path_factory):
     # a few SimMIM steps: the fine-tune starts from a real run's weights and windows (12 of the demo's 96
     # steps; the classes separate in the fine-tune either way)
     run_torchrun("run_pretrain.py", *COMMON, "train.max_steps=12", "checkpoint.every_steps=0",
-                  f"output_dir={pretrain}", timeout=600)
+                 f"output_dir={pretrain}", timeout=600)
     stdout = {}
     full = root / "full"
     stdout["full"] = run_torchrun("run_finetune.py", "--pretrained", str(pretrain), *COMMON,
-                                   f"train.max_steps={FINETUNE_STEPS}", f"checkpoint.every_steps={MID_STAGE_2}",
-                                   "checkpoint.keep_last=5", f"output_dir={full}", timeout=900).stdout
+                                  f"train.max_steps={FINETUNE_STEPS}", f"checkpoint.every_steps={MID_STAGE_2}",
+                                  "checkpoint.keep_last=5", f"output_dir={full}", timeout=900).stdout
     resumed = root / "resumed"
     later = [f"step_{s:08d}" for s in range(MID_STAGE_2 + 1, FINETUNE_STEPS + 1)]
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns(*later, "metrics.json", "metrics.jsonl",

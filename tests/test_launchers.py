@@ -56,7 +56,8 @@ def test_torchrun_two_nodes_of_one_process(tmp_path):
 
 def test_venv_python_started_without_activation_on_a_host_without_ninja(tmp_path):
     """`.venv/bin/python run_pretrain.py` with only a compiler on PATH: DeepSpeed's CPU comm op must be built (or
-    loaded) with the venv's own ninja; it raised "ninja not being installed" at init before start_process saw to it."""
+    loaded) with the venv's own ninja; it raised "ninja not being installed" at init before
+    scale.dist.init_distributed saw to it."""
     tools = tmp_path / "bin"
     tools.mkdir()
     for tool in ("c++", "cc", "gcc", "g++", "as", "ld"):  # what a JIT build of the op runs, ninja aside

@@ -27,7 +27,7 @@ COMMON = ["model.img_size=32", "train.micro_batch_size=8", "data.num_workers=0",
 
 def _launch(ds_config: str, out, *extra: str) -> str:
     proc = run_torchrun("run_pretrain.py", "--ds_config", f"ds_configs/{ds_config}.json", *COMMON,
-                         f"output_dir={out}", *extra, timeout=600)
+                        f"output_dir={out}", *extra, timeout=600)
     return proc.stdout
 
 

@@ -193,7 +193,7 @@ def run(tmp_path_factory):
 def zero2_losses(tmp_path_factory):
     out = tmp_path_factory.mktemp("esvit_z2") / "z2"
     stdout = run_torchrun("run_pretrain.py", *ARGS, "--ds_config", "ds_configs/zero2.json", "checkpoint.every_steps=0",
-                           f"output_dir={out}", timeout=600).stdout
+                          f"output_dir={out}", timeout=600).stdout
     assert "ZeRO stage 2" in stdout
     return [json.loads(line)["loss/train"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -24,7 +24,7 @@ COMMON = ["--config", "configs/pretrain/demo_moby.yaml", "model.img_size=32", "t
 
 def _launch(stage: int, out, *extra: str) -> str:
     return run_torchrun("run_pretrain.py", "--ds_config", f"ds_configs/zero{stage}.json", *COMMON,
-                         f"output_dir={out}", *extra, timeout=600).stdout
+                        f"output_dir={out}", *extra, timeout=600).stdout
 
 
 def _losses(out) -> list[float]:

@@ -25,8 +25,8 @@ TINY_SWIN = {"img_size": 64, "embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads
 
 def _launch(out, *extra: str, stage: int = 3) -> str:
     return run_torchrun("run_pretrain.py", "--config", "configs/pretrain/demo_sit.yaml", "--ds_config",
-                         f"ds_configs/zero{stage}.json", "data.num_workers=0", "log.every_steps=1", "checkpoint.every_steps=0",
-                         "seed=3", f"output_dir={out}", "resume=none", *extra, timeout=600).stdout
+                        f"ds_configs/zero{stage}.json", "data.num_workers=0", "log.every_steps=1", "checkpoint.every_steps=0",
+                        "seed=3", f"output_dir={out}", "resume=none", *extra, timeout=600).stdout
 
 
 @pytest.fixture(scope="module")
