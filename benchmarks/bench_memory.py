@@ -61,15 +61,9 @@ def ds_config(zero_stage: int, micro_batch: int) -> dict:
 
 
 def worker_env() -> dict[str, str]:
-    """The environment of a case's process: CPU accelerator, 2 threads, and this interpreter's bin first on PATH.
-
-    The last one as an activated venv has it: DeepSpeed's JIT build of its CPU comm op then finds the venv's
-    ninja, whose build log other processes of this checkout share (a system ninja of another version reads
-    that log as stale and rebuilds the op, ~1.5 min, every time the two alternate).
-    """
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    """The environment of a case's process: CPU accelerator and 2 threads."""
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-            "PYTHONPATH": str(REPO), "PATH": path}
+            "PYTHONPATH": str(REPO)}
 
 
 def rss_bytes() -> int:
@@ -88,12 +82,14 @@ def run_case(case: dict, phases: bool) -> dict:
     import torch.nn.functional as F
 
     import models
+    from scale.dist import put_interpreter_bin_on_path
     from scale.memory import estimate_memory
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    put_interpreter_bin_on_path()  # the venv's ninja builds DeepSpeed's CPU comm op, as in scale.dist.init_distributed
     deepspeed.init_distributed()
     torch.manual_seed(0)
     model_args = dict(case["model"])
