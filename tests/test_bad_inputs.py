@@ -1,8 +1,10 @@
 """Every entry point answers bad input with one line naming the problem and the fix, a non-zero exit,
 no traceback and no output folder.
 
-Each case is one plain `python <entry point> ...` process (no launcher: all of them fail before or at
-distributed init, in seconds; two run at a time); two cases also run under the deepspeed launcher on 2 ranks, where the
+Each case is one process without a launcher (all of them fail before or at distributed init, in a second):
+the first case of each entry point a plain `python <entry point> ...`, the others forks of tests/fork_runner.py,
+which imports torch and the trainer once for all of them (each case is still its own process, with its own
+argv, environment, output and exit code). Two cases also run under the deepspeed launcher on 2 ranks, where the
 line must appear once (rank 0 only).
 """
 import concurrent.futures
@@ -138,27 +140,48 @@ def _check(proc: subprocess.CompletedProcess, word: str, out: Path) -> str:
     return hits[0]
 
 
-def _run_case(tmp: Path, name: str) -> subprocess.CompletedProcess:
+# the first case of each entry point: started as a user starts it, with every import of its own
+PLAIN = ["data_missing", "pretrained_missing", "export_missing", "write_shards_src_missing", "check_shards_missing"]
+
+
+def _command(tmp: Path, name: str, taken_port: int) -> tuple[list[str], dict]:
+    """(argv after `python`, environment) of a case."""
     argv, _ = CASES[name]
-    env = None
-    with socket.socket() as taken:
-        if name == "port_in_use":  # a one-process run told to use a port something listens on
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(taken.getsockname()[1])}
-        return subprocess.run([sys.executable, *(a.format(tmp=tmp, out=tmp / f"out_{name}") for a in argv)],
-                              cwd=REPO_ROOT, env=_env(env), capture_output=True, text=True, timeout=120)
+    extra = None
+    if name == "port_in_use":  # a one-process run told to use a port something listens on
+        extra = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(taken_port)}
+    return [a.format(tmp=tmp, out=tmp / f"out_{name}") for a in argv], _env(extra)
+
+
+def _run_forked(commands: list[tuple[list[str], dict]]) -> list[subprocess.CompletedProcess]:
+    cases = [{"argv": argv, "env": env, "cwd": str(REPO_ROOT)} for argv, env in commands]
+    runner = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "fork_runner.py")], input=json.dumps(cases),
+                            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    return [subprocess.CompletedProcess(c["argv"], a["returncode"], a["stdout"], a["stderr"])
+            for c, a in zip(cases, json.loads(runner.stdout))]
 
 
 @pytest.fixture(scope="module")
 def answers(tmp, request):
-    """name -> finished process of every selected case. Two at a time: each process spends its seconds in
-    single-threaded imports, so the pair takes the time of one on 2 cores."""
+    """name -> finished process of every selected case. The plain ones two at a time: each spends its
+    seconds in single-threaded imports, so the pair takes the time of one on 2 cores."""
     selected = [item.callspec.params["name"] for item in request.session.items
                 if item.originalname == "test_bad_input_gives_one_line_and_no_output"]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(selected, pool.map(lambda name: _run_case(tmp, name), selected)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        commands = {name: _command(tmp, name, taken.getsockname()[1]) for name in selected}
+        plain = [name for name in selected if name in PLAIN]
+        forked = [name for name in selected if name not in PLAIN]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            done = pool.map(lambda name: subprocess.run([sys.executable, *commands[name][0]], cwd=REPO_ROOT,
+                                                        env=commands[name][1], capture_output=True, text=True,
+                                                        timeout=120), plain)
+            answers = dict(zip(plain, done))
+        answers.update(zip(forked, _run_forked([commands[name] for name in forked])) if forked else [])
+        return answers
 
 
 @pytest.mark.parametrize("name", CASES)
