@@ -59,7 +59,7 @@ def _child(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
 
 def main() -> None:
     assert threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1, \
-        "an import started a thread: forking this process would not be safe"
+        "an import started a thread (torch does with OMP_NUM_THREADS > 1): start this runner with OMP_NUM_THREADS=1"
     cases = json.load(sys.stdin)
     folder = tempfile.mkdtemp(prefix="fork_runner_")
     files = [(os.path.join(folder, f"{i}.out"), os.path.join(folder, f"{i}.err")) for i in range(len(cases))]
